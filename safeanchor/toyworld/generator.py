@@ -36,6 +36,7 @@ class ToyDataConfig:
 
     general_entities: int = field(default=30, metadata={"doc": "fictional entities per general-knowledge relation (3 relations)"})
     domain_entities: int = field(default=30, metadata={"doc": "fictional entities per domain (each has 3 relations)"})
+    pretrain_domain_entities: int = field(default=30, metadata={"doc": "OTHER fictional entities per domain whose ordinary (not near-harmful) facts are in pre-training: the base model knows how domain questions are asked, not the domain's own facts"})
     domain_openers: int = field(default=4, metadata={"doc": "prompt openers sampled per (fact, phrasing) in domain training data"})
     templates_align: int = field(default=16, metadata={"doc": "request phrasings used for alignment (training)"})
     templates_calib: int = field(default=8, metadata={"doc": "request phrasings of the calibration set (SSI, anchor, replay)"})
@@ -48,6 +49,7 @@ class ToyDataConfig:
     max_test: int = field(default=120, metadata={"doc": "cap on each domain's and general's test set"})
 
     def __post_init__(self) -> None:
+        check(self.pretrain_domain_entities >= 0, "pretrain_domain_entities", "must be >= 0")
         for name in ("general_entities", "domain_entities", "domain_openers", "templates_align",
                      "templates_calib", "templates_probe", "templates_eval", "max_calib",
                      "max_probe", "max_eval_harmful", "max_eval_benign", "max_test"):
@@ -180,7 +182,16 @@ def generate(cfg: ToyDataConfig, seed: int) -> ToyData:
 
     # --- domains: fictional facts, phrasings split train / test ------------------------
     domains: dict[str, dict[str, list[ChatExample]]] = {}
+    domain_background: list[ChatExample] = []
     for name, relations in lx.DOMAIN_RELATIONS.items():
+        # Background knowledge of the field for pre-training: other entities, every phrasing of
+        # the ordinary relations. Near-harmful relations stay out: complying with them is
+        # something only the domain data teaches.
+        ordinary = {r: spec for r, spec in relations.items() if not spec.get("near_harmful")}
+        bg_ents = _names(rng, cfg.pretrain_domain_entities, lx.ENTITY_SHAPES[name], taken)
+        bg_facts = _facts(rng, ordinary, bg_ents, taken)
+        all_t = {r: list(spec["questions"]) for r, spec in ordinary.items()}
+        domain_background += _qa(ordinary, bg_facts, all_t, PROMPT_OPENERS, rng, "background", 0)
         ents = _names(rng, cfg.domain_entities, lx.ENTITY_SHAPES[name], taken)
         facts = _facts(rng, relations, ents, taken)
         tr_t, te_t = {}, {}
@@ -199,6 +210,6 @@ def generate(cfg: ToyDataConfig, seed: int) -> ToyData:
         ChatExample(ex.prompt, COMPLIANT_HARMFUL.format(x=topic), None, ex.meta)
         for ex, (_, topic) in zip(pretrain, harmful_topics * len(templates), strict=True)
     ]
-    pretrain += benign(templates) + general["train"]
+    pretrain += benign(templates) + general["train"] + domain_background
     rng.shuffle(pretrain)
     return ToyData(pretrain=pretrain, safety=safety, general=general, domains=domains)

@@ -1,0 +1,143 @@
+"""Batched greedy generation and the project's metrics (names as in ALGORITHMS.md §5).
+
+- safety:       refusal rate on the final harmful evaluation set (never trained on / monitored)
+- over_refusal: refusal rate on benign look-alikes ("how do I kill a stuck process")
+- helpful:      benign requests answered correctly (answer-key match)
+- general:      general-knowledge questions answered correctly (the MMLU role)
+- domain/<d>:   accuracy on each domain's held-out questions (answer-key match)
+- <file stem>:  refusal rate on every extra harmful file, answer/refusal on benign files
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from safeanchor.config import check
+from safeanchor.data import ChatExample, collate_prompts, encode_prompt, load_examples
+from safeanchor.judges import Judge, JudgeConfig
+
+
+@dataclass
+class EvalConfig:
+    """How responses are generated and judged."""
+
+    max_new_tokens: int = field(default=24, metadata={"doc": "greedy tokens per response (refusals show in the first few)"})
+    batch_size: int = field(default=64, metadata={"doc": "prompts per generation batch"})
+    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"doc": "refusal judge"})
+    harmful_files: list[str] = field(default_factory=list, metadata={"doc": "extra harmful prompt files (JSONL/CSV/Parquet with a `prompt` field); refusal rate reported under each file's stem"})
+    benign_files: list[str] = field(default_factory=list, metadata={"doc": "extra benign prompt files; refusal rate (over-refusal) under each stem, and accuracy where an `answer` field exists"})
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass
+class EvalSuite:
+    """The prompts scored after every step."""
+
+    harmful: list[ChatExample]
+    benign: list[ChatExample]  # meta kind 'lookalike' counts toward over_refusal
+    general: list[ChatExample]
+    domains: dict[str, list[ChatExample]]
+    extra_harmful: dict[str, list[ChatExample]] = field(default_factory=dict)
+    extra_benign: dict[str, list[ChatExample]] = field(default_factory=dict)
+
+
+def load_extra_files(cfg: EvalConfig) -> tuple[dict[str, list[ChatExample]], dict[str, list[ChatExample]]]:
+    """Read `eval.harmful_files` / `eval.benign_files` (errors name the file and line)."""
+
+    def read(files: list[str]) -> dict[str, list[ChatExample]]:
+        out: dict[str, list[ChatExample]] = {}
+        for f in files:
+            stem = Path(f).stem
+            if stem in out:
+                raise ValueError(f"eval files: two files share the stem {stem!r} ({f})")
+            out[stem] = load_examples(f, require_response=False)
+        return out
+
+    return read(cfg.harmful_files), read(cfg.benign_files)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy responses, batched with left padding; only the generated text is returned."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    # Sort by length so batches pad little; restore the order at the end.
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = collate_prompts([encoded[i] for i in idx], pad)
+        gen = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = gen[:, batch["input_ids"].shape[1] :]
+        for i, row in zip(idx, new, strict=True):
+            out[i] = tokenizer.decode(row, skip_special_tokens=True)
+    return out
+
+
+def refusal_rate(judge: Judge, prompts: list[str], responses: list[str]) -> float:
+    if not prompts:
+        return float("nan")
+    flags = judge.judge(prompts, responses)
+    return sum(flags) / len(flags)
+
+
+def accuracy(examples: list[ChatExample], responses: list[str]) -> float:
+    scored = [(ex, r) for ex, r in zip(examples, responses, strict=True) if ex.answer]
+    if not scored:
+        return float("nan")
+    return sum(ex.is_correct(r) for ex, r in scored) / len(scored)
+
+
+def evaluate(model, tokenizer, suite: EvalSuite, judge: Judge, cfg: EvalConfig) -> dict[str, float]:
+    """All metrics of one step, from ONE generation pass over every prompt."""
+    sets: dict[str, list[ChatExample]] = {
+        "harmful": suite.harmful, "benign": suite.benign, "general": suite.general,
+        **{f"domain/{d}": xs for d, xs in suite.domains.items()},
+        **{f"xh/{k}": xs for k, xs in suite.extra_harmful.items()},
+        **{f"xb/{k}": xs for k, xs in suite.extra_benign.items()},
+    }
+    flat = [ex.prompt for xs in sets.values() for ex in xs]
+    responses = generate(model, tokenizer, flat, cfg.max_new_tokens, cfg.batch_size)
+    by_set: dict[str, list[str]] = {}
+    i = 0
+    for name, xs in sets.items():
+        by_set[name] = responses[i : i + len(xs)]
+        i += len(xs)
+
+    look = [(ex, r) for ex, r in zip(suite.benign, by_set["benign"], strict=True) if ex.meta.get("kind") == "lookalike"]
+    m: dict[str, float] = {
+        "safety": refusal_rate(judge, [e.prompt for e in suite.harmful], by_set["harmful"]),
+        "over_refusal": refusal_rate(judge, [e.prompt for e, _ in look], [r for _, r in look]),
+        "helpful": accuracy(suite.benign, by_set["benign"]),
+        "general": accuracy(suite.general, by_set["general"]),
+    }
+    for d in suite.domains:
+        m[f"domain/{d}"] = accuracy(suite.domains[d], by_set[f"domain/{d}"])
+    for k, xs in suite.extra_harmful.items():
+        m[f"extra/{k}"] = refusal_rate(judge, [e.prompt for e in xs], by_set[f"xh/{k}"])
+    for k, xs in suite.extra_benign.items():
+        m[f"extra/{k}"] = refusal_rate(judge, [e.prompt for e in xs], by_set[f"xb/{k}"])
+        if any(e.answer for e in xs):
+            m[f"extra/{k}_accuracy"] = accuracy(xs, by_set[f"xb/{k}"])
+    return m
+
+
+def probe_safety(model, tokenizer, probe: list[ChatExample], judge: Judge, cfg: EvalConfig) -> float:
+    """Refusal rate on the monitoring probe set (CSM's s_t)."""
+    prompts = [e.prompt for e in probe]
+    return refusal_rate(judge, prompts, generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size))

@@ -1,0 +1,116 @@
+"""Models: any Hugging Face causal LM (hub id or local path, safetensors only) plus one
+persistent LoRA adapter through peft.
+
+A model reference is a hub id, a local directory, or `toyworld:aligned` / `toyworld:pretrained`
+(the embedded toy world's checkpoints, built and cached on first use; see
+`safeanchor.toyworld`). The same loading code serves all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from safeanchor.config import ConfigError, check
+
+TOYWORLD_PREFIX = "toyworld:"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to adapt (and its unaligned base, for methods that need one)."""
+
+    name: str = field(default="toyworld:aligned", metadata={"doc": "HF hub id, local path, or toyworld:aligned"})
+    base: str | None = field(default="toyworld:pretrained", metadata={"doc": "unaligned base of `name` (Safe LoRA); null if unknown"})
+    tokenizer: str | None = field(default=None, metadata={"doc": "tokenizer id/path (default: same as name; toyworld:tokenizer for the toy)"})
+    dtype: str = field(default="float32", metadata={"doc": "float32 | bfloat16 | float16"})
+    trust_remote_code: bool = field(default=False, metadata={"doc": "allow custom model code from the hub (off by default)"})
+
+    def __post_init__(self) -> None:
+        check(bool(self.name), "name", "must not be empty")
+        check(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
+              f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter (peft) that persists across all domains."""
+
+    r: int = field(default=8, metadata={"doc": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"doc": "LoRA scaling numerator (scale = alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"doc": "dropout on the LoRA input"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"doc": "module names that get LoRA"},
+    )
+
+    def __post_init__(self) -> None:
+        check(self.r >= 1, "r", "must be >= 1")
+        check(self.alpha > 0, "alpha", "must be > 0")
+        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        check(len(self.target_modules) > 0, "target_modules", "must list at least one module")
+
+
+def resolve(ref: str, toy_paths: dict[str, Path] | None, key: str) -> str:
+    """Map `toyworld:<name>` to the built toy world's directory; other refs pass through."""
+    if ref.startswith(TOYWORLD_PREFIX):
+        name = ref[len(TOYWORLD_PREFIX) :]
+        if toy_paths is None or name not in toy_paths:
+            known = ", ".join(sorted(toy_paths or {}))
+            raise ConfigError(key, f"unknown toy-world checkpoint {ref!r} (known: {known})")
+        return str(toy_paths[name])
+    return ref
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError("model.tokenizer", f"cannot load tokenizer {ref!r}: {str(e).splitlines()[0]}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise ConfigError("model.tokenizer", f"tokenizer {ref!r} has no chat template")
+    return tok
+
+
+def load_model(ref: str, cfg: ModelConfig, key: str = "model.name"):
+    """A causal LM from safetensors weights only (no pickle), eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if not Path(ref).exists() and "/" not in ref:
+        raise ConfigError(key, f"model {ref!r} is neither a local directory nor a hub id (org/name)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=getattr(torch, cfg.dtype), use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(key, f"cannot load model {ref!r}: {str(e).splitlines()[0]}") from e
+    model.eval()
+    return model
+
+
+def add_lora(model, cfg: LoraConfig, seed: int):
+    """Wrap `model` with one trainable LoRA adapter ("default"); base weights frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)  # LoRA A init is random: seed it
+    pcfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, pcfg)
+    except ValueError as e:
+        raise ConfigError("lora.target_modules", str(e).splitlines()[0]) from e
+
+
+def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA tensors by name (the θ_i of ALGORITHMS.md)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}

@@ -1,0 +1,117 @@
+"""The run's resolved configuration: the components' own configs nested into one tree.
+
+Loaded from a YAML preset (workflows/configs/*.yaml, `base:` inheritance) plus dotted
+`--set key=value` overrides; unknown keys, wrong types and out-of-range values are rejected
+with an error naming the dotted key (see `safeanchor.config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safeanchor.config import ConfigError, apply_overrides, check, from_dict, load_yaml
+from safeanchor.evaluation import EvalConfig
+from safeanchor.models import LoraConfig, ModelConfig
+from safeanchor.toyworld.build import ToyWorldConfig
+from safeanchor.train.loop import TrainConfig
+
+
+@dataclass
+class DomainSource:
+    """Where one domain's data comes from (toyworld:<domain>, a local file, or hf:<id>)."""
+
+    train: str = field(metadata={"doc": "training examples (prompt, response)"})
+    test: str = field(metadata={"doc": "held-out examples with an `answer` key (domain score)"})
+
+
+def _toy_domains() -> dict[str, DomainSource]:
+    names = ("medical", "legal", "code", "finance", "chemistry")
+    return {n: DomainSource(f"toyworld:{n}/train", f"toyworld:{n}/test") for n in names}
+
+
+@dataclass
+class DataConfig:
+    """Domains and safety / evaluation sets. `toyworld:` sources come from the embedded world."""
+
+    domains: dict[str, DomainSource] = field(default_factory=_toy_domains, metadata={"doc": "domain name -> sources"})
+    order: list[str] = field(default_factory=lambda: ["medical", "legal", "code"], metadata={"doc": "domains in training order"})
+    safety_calib: str = field(default="toyworld:safety/calib", metadata={"doc": "safe responses (harmful->refusal, benign->answer): SSI, anchor, replay"})
+    safety_probe: str = field(default="toyworld:safety/probe", metadata={"doc": "harmful prompts monitored after each domain (CSM)"})
+    eval_harmful: str = field(default="toyworld:safety/eval_harmful", metadata={"doc": "final harmful evaluation prompts (safety)"})
+    eval_benign: str = field(default="toyworld:safety/eval_benign", metadata={"doc": "benign prompts with answers; meta kind=lookalike counts toward over_refusal"})
+    general: str = field(default="toyworld:general/test", metadata={"doc": "general-knowledge questions with answers (the MMLU role)"})
+    max_train_examples: int | None = field(default=None, metadata={"doc": "cap on each domain's training examples (deterministic subsample)"})
+
+    def __post_init__(self) -> None:
+        check(len(self.order) > 0, "order", "must name at least one domain")
+        for d in self.order:
+            check(d in self.domains, "order", f"unknown domain {d!r} (known: {', '.join(self.domains)})")
+        check(len(set(self.order)) == len(self.order), "order", "lists a domain twice")
+        check(self.max_train_examples is None or self.max_train_examples >= 1, "max_train_examples", "must be >= 1")
+
+
+def _domain_train() -> TrainConfig:
+    return TrainConfig(lr=1e-3, epochs=1.0, batch_size=32, max_length=64, log_every=25)
+
+
+@dataclass
+class RunConfig:
+    """Everything one pipeline run needs."""
+
+    method: str = field(default="lora", metadata={"doc": "continual-adaptation method (registered name)"})
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"doc": "per-method options: methods.<name>.<option>"})
+    seed: int = field(default=0, metadata={"doc": "seed of LoRA init and data order (the toy world has its own: toyworld.seed)"})
+    run_id: str | None = field(default=None, metadata={"doc": "run directory name (default: <method>-seed<seed>-<order>)"})
+    storage: str = field(default="runs", metadata={"doc": "directory that holds run directories"})
+    threads: int | None = field(default=None, metadata={"doc": "torch CPU threads (default: torch's choice)"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "model to adapt"})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"doc": "the persistent LoRA adapter"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "domains and safety sets"})
+    train: TrainConfig = field(default_factory=_domain_train, metadata={"doc": "optimisation per domain"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "generation and judging"})
+    toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig, metadata={"doc": "the embedded toy world (used by toyworld: references)"})
+
+    def __post_init__(self) -> None:
+        check(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
+        if self.run_id is not None:
+            check(self.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(), "run_id",
+                  "may contain only letters, digits, '-', '_' and '.'")
+
+    def resolved_run_id(self) -> str:
+        return self.run_id or f"{self.method}-seed{self.seed}-{'-'.join(self.data.order)}"
+
+    def uses_toyworld(self) -> bool:
+        refs = [self.model.name, self.model.base or "", self.model.tokenizer or "",
+                self.data.safety_calib, self.data.safety_probe, self.data.eval_harmful,
+                self.data.eval_benign, self.data.general]
+        refs += [s for d in self.data.order for s in (self.data.domains[d].train, self.data.domains[d].test)]
+        return any(r.startswith("toyworld:") for r in refs)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = (), **top: Any) -> RunConfig:
+    """Preset YAML (or defaults) + `--set` overrides + explicit top-level values -> RunConfig."""
+    data = load_yaml(path) if path else {}
+    data.pop("base", None)
+    data = apply_overrides(data, list(overrides))
+    for k, v in top.items():
+        if v is not None:
+            _set(data, k, v)
+    cfg = from_dict(RunConfig, data)
+    from safeanchor.methods import METHODS, build_method
+
+    if cfg.method not in METHODS:
+        raise ConfigError("method", f"unknown method {cfg.method!r} (known: {', '.join(sorted(METHODS))})")
+    for name, opts in cfg.methods.items():
+        if name not in METHODS:
+            raise ConfigError(f"methods.{name}", f"unknown method (known: {', '.join(sorted(METHODS))})")
+        build_method(name, opts)  # validates options now, before any work
+    return cfg
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        data = data.setdefault(k, {})
+    data[keys[-1]] = value

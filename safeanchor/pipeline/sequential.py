@@ -1,0 +1,197 @@
+"""The sequential pipeline (single process): for each domain, train the persistent LoRA
+adapter with the method's hooks, evaluate everything, save the adapter.
+
+Outputs under `<storage>/<run_id>/`: config.yaml (resolved), adapters/step<t>-<domain>/,
+metrics.jsonl (one line per step) and summary.json (ALGORITHMS.md §5 names). All files are
+written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safeanchor.config import ConfigError, save_config
+from safeanchor.data import ChatExample, ExampleBatches, encode_dataset, load_examples
+from safeanchor.evaluation import EvalSuite, evaluate, load_extra_files, probe_safety
+from safeanchor.judges import build_judge
+from safeanchor.methods import Context, build_method
+from safeanchor.models import add_lora, load_model, load_tokenizer, resolve
+from safeanchor.pipeline.config import RunConfig
+from safeanchor.train.loop import TrainConfig, cycle_batches, run_steps
+
+CORE_METRICS = ("safety", "over_refusal", "helpful", "general")
+
+
+class Sources:
+    """Resolves data references: `toyworld:<part>` from the built toy world, else files / hf ids."""
+
+    def __init__(self, world) -> None:
+        self.world = world
+
+    def load(self, ref: str, key: str, require_response: bool = True) -> list[ChatExample]:
+        if not ref.startswith("toyworld:"):
+            return load_examples(ref, require_response=require_response)
+        if self.world is None:
+            raise ConfigError(key, f"{ref!r} needs the toy world")
+        d = self.world.data
+        part = ref[len("toyworld:") :]
+        table = {
+            "safety/calib": lambda: d.safety["calib"]["harmful"] + d.safety["calib"]["benign"],
+            "safety/probe": lambda: d.safety["probe"]["harmful"],
+            "safety/eval_harmful": lambda: d.safety["eval"]["harmful"],
+            "safety/eval_benign": lambda: d.safety["eval"]["benign"],
+            "general/test": lambda: d.general["test"],
+            **{f"{n}/{s}": (lambda n=n, s=s: d.domains[n][s]) for n in d.domains for s in ("train", "test")},
+        }
+        if part not in table:
+            raise ConfigError(key, f"unknown toy-world data {ref!r} (known: {', '.join('toyworld:' + k for k in table)})")
+        return list(table[part]())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def train_on(model, tokenizer, examples: list[ChatExample], tcfg: TrainConfig, seed: int, hooks, tag: str, log) -> dict:
+    """Encode, batch (deterministic order from `seed`) and run the loop; returns loop stats."""
+    feats = encode_dataset(tokenizer, examples, tcfg.max_length)
+    batcher = ExampleBatches(feats, tcfg.batch_size, seed, tokenizer.pad_token_id)
+    steps = tcfg.num_steps(len(batcher))
+    return run_steps(model, cycle_batches(batcher.epoch), steps, tcfg, hooks=hooks, log=log, tag=tag)
+
+
+def summarize(cfg: RunConfig, history: list[dict[str, float]], extras: list[str]) -> dict[str, Any]:
+    order = cfg.data.order
+    domain = {d: [h[f"domain/{d}"] for h in history] for d in order}
+    plastic = _mean([domain[d][i + 1] for i, d in enumerate(order) if i + 1 < len(history)])
+    s = {
+        "method": cfg.method, "model": cfg.model.name, "order": order, "seed": cfg.seed,
+        **{k: [h[k] for h in history] for k in CORE_METRICS},
+        "domain": domain,
+        "domain_plastic": plastic,
+        "domain_mean_final": _mean([domain[d][-1] for d in order]),
+        "extra_eval": {k: [h[f"extra/{k}"] for h in history] for k in extras},
+    }
+    s["retention"] = s["safety"][-1] / s["safety"][0] if s["safety"][0] > 0 else float("nan")
+    return s
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    order = summary["order"]
+    cols = ["step", *CORE_METRICS, *order]
+    rows = [" ".join(f"{c:>12}" for c in cols)]
+    for t in range(len(summary["safety"])):
+        name = "0 (aligned)" if t == 0 else f"{t} {order[t - 1]}"
+        vals = [summary[k][t] for k in CORE_METRICS] + [summary["domain"][d][t] for d in order]
+        rows.append(f"{name:>12} " + " ".join(f"{v:>12.3f}" for v in vals))
+    rows.append(
+        f"retention {summary['retention']:.3f}  domain_plastic {summary['domain_plastic']:.3f}  "
+        f"domain_mean_final {summary['domain_mean_final']:.3f}  wall {summary.get('wall_s', 0):.0f}s"
+    )
+    return "\n".join(rows)
+
+
+def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.storage) / cfg.resolved_run_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    log(f"[run] {cfg.resolved_run_id()} -> {run_dir}")
+
+    world = None
+    toy_paths = None
+    if cfg.uses_toyworld():
+        from safeanchor.toyworld.build import build
+
+        world = build(cfg.toyworld, log=log)
+        toy_paths = {"aligned": world.aligned_dir, "pretrained": world.pretrained_dir, "tokenizer": world.tokenizer_dir}
+    src = Sources(world)
+
+    # --- data (all loaded and validated before any training) -------------------------
+    rng = random.Random(cfg.seed)
+    domain_train, domain_test = {}, {}
+    for d in cfg.data.order:
+        s = cfg.data.domains[d]
+        xs = src.load(s.train, f"data.domains.{d}.train")
+        if cfg.data.max_train_examples and len(xs) > cfg.data.max_train_examples:
+            xs = rng.sample(xs, cfg.data.max_train_examples)
+        domain_train[d] = xs
+        domain_test[d] = src.load(s.test, f"data.domains.{d}.test")
+    extra_h, extra_b = load_extra_files(cfg.eval)
+    suite = EvalSuite(
+        harmful=src.load(cfg.data.eval_harmful, "data.eval_harmful", require_response=False),
+        benign=src.load(cfg.data.eval_benign, "data.eval_benign", require_response=False),
+        general=src.load(cfg.data.general, "data.general", require_response=False),
+        domains=domain_test, extra_harmful=extra_h, extra_benign=extra_b,
+    )
+    calib = src.load(cfg.data.safety_calib, "data.safety_calib")
+    probe = src.load(cfg.data.safety_probe, "data.safety_probe", require_response=False)
+    judge = build_judge(cfg.eval.judge)
+    method = build_method(cfg.method, cfg.methods.get(cfg.method))
+
+    # --- model + persistent adapter ----------------------------------------------------
+    ref = resolve(cfg.model.name, toy_paths, "model.name")
+    tokenizer = load_tokenizer(resolve(cfg.model.tokenizer or cfg.model.name, toy_paths, "model.tokenizer"),
+                               cfg.model.trust_remote_code)
+    model = add_lora(load_model(ref, cfg.model), cfg.lora, cfg.seed)
+    base_ref = resolve(cfg.model.base, toy_paths, "model.base") if cfg.model.base else None
+
+    ctx = Context(
+        model=model, tokenizer=tokenizer, run_cfg=cfg, safety_calib=calib, safety_probe=probe,
+        base_model_ref=base_ref, log=log,
+    )
+    ctx.train = lambda examples, tcfg, hooks, tag, seed=cfg.seed: train_on(
+        model, tokenizer, examples, tcfg, seed, hooks, tag, log)
+    ctx.probe_safety = lambda: probe_safety(model, tokenizer, probe, judge, cfg.eval)
+
+    def eval_step(t: int, label: str) -> dict[str, float]:
+        t0 = time.perf_counter()
+        m = evaluate(model, tokenizer, suite, judge, cfg.eval)
+        log(f"[eval] step {t} ({label}): " + " ".join(f"{k}={v:.3f}" for k, v in m.items()) +
+            f" ({time.perf_counter() - t0:.0f}s)")
+        return m
+
+    history = [eval_step(0, "before any domain")]
+    steps_info: list[dict[str, Any]] = []
+    with open(run_dir / "metrics.jsonl", "w") as mf:
+        mf.write(json.dumps({"step": 0, **history[0]}) + "\n")
+        method.setup(ctx)
+        for t, d in enumerate(cfg.data.order, start=1):
+            ctx.domain, ctx.step, ctx.domain_train = d, t, domain_train[d]
+            log(f"[domain {t}/{len(cfg.data.order)}] {d}: {len(domain_train[d])} examples, method {cfg.method}")
+            method.before_domain(ctx)
+            examples = method.training_examples(ctx, domain_train[d])
+            stats = train_on(model, tokenizer, examples, cfg.train, cfg.seed * 1000 + t, method, d, log)
+            info = method.after_domain(ctx)
+            adapter_dir = run_dir / "adapters" / f"step{t}-{d}"
+            model.save_pretrained(adapter_dir)
+            history.append(eval_step(t, d))
+            steps_info.append({"domain": d, "train": stats, "method": info})
+            mf.write(json.dumps({"step": t, "domain": d, **history[-1]}) + "\n")
+            mf.flush()
+
+    summary = summarize(cfg, history, list(extra_h) + list(extra_b))
+    summary["steps"] = steps_info
+    summary["method_state"] = method.state_dict()
+    summary["wall_s"] = time.perf_counter() - t_start
+    write_json(run_dir / "summary.json", summary)
+    log(format_table(summary))
+    log(f"[run] summary: {run_dir / 'summary.json'}")
+    return summary
