@@ -1,6 +1,6 @@
 """Continual-adaptation methods behind one interface; importing this package registers them."""
 
-from safeanchor.methods import lora  # noqa: F401  (registration)
+from safeanchor.methods import lora, safeanchor  # noqa: F401  (registration)
 from safeanchor.methods.base import METHODS, Context, Method, register_method
 
 __all__ = ["METHODS", "Context", "Method", "register_method", "build_method"]

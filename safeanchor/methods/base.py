@@ -40,6 +40,7 @@ class Context:
     safety_probe: list[ChatExample] = field(default_factory=list)  # monitoring prompts (CSM)
     domain_train: list[ChatExample] = field(default_factory=list)
     base_model_ref: str | None = None  # unaligned base (Safe LoRA)
+    run_dir: str | None = None  # where a method may persist artefacts (subspaces, ...)
     # services the pipeline provides
     train: Callable[..., dict] | None = None  # train(examples, train_cfg, hooks, tag) -> stats
     probe_safety: Callable[[], float] | None = None  # refusal rate on the probe set, now

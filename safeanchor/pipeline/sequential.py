@@ -110,10 +110,10 @@ def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.storage) / cfg.resolved_run_id()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    log(f"[run] {cfg.resolved_run_id()} -> {run_dir}")
+    # Cheap validation first: bad files or options fail before anything is built or written.
+    extra_h, extra_b = load_extra_files(cfg.eval)
+    judge = build_judge(cfg.eval.judge)
+    method = build_method(cfg.method, cfg.methods.get(cfg.method))
 
     world = None
     toy_paths = None
@@ -134,7 +134,6 @@ def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
             xs = rng.sample(xs, cfg.data.max_train_examples)
         domain_train[d] = xs
         domain_test[d] = src.load(s.test, f"data.domains.{d}.test")
-    extra_h, extra_b = load_extra_files(cfg.eval)
     suite = EvalSuite(
         harmful=src.load(cfg.data.eval_harmful, "data.eval_harmful", require_response=False),
         benign=src.load(cfg.data.eval_benign, "data.eval_benign", require_response=False),
@@ -143,8 +142,6 @@ def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
     )
     calib = src.load(cfg.data.safety_calib, "data.safety_calib")
     probe = src.load(cfg.data.safety_probe, "data.safety_probe", require_response=False)
-    judge = build_judge(cfg.eval.judge)
-    method = build_method(cfg.method, cfg.methods.get(cfg.method))
 
     # --- model + persistent adapter ----------------------------------------------------
     ref = resolve(cfg.model.name, toy_paths, "model.name")
@@ -153,9 +150,14 @@ def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
     model = add_lora(load_model(ref, cfg.model), cfg.lora, cfg.seed)
     base_ref = resolve(cfg.model.base, toy_paths, "model.base") if cfg.model.base else None
 
+    run_dir = Path(cfg.storage) / cfg.resolved_run_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    log(f"[run] {cfg.resolved_run_id()} -> {run_dir}")
+
     ctx = Context(
         model=model, tokenizer=tokenizer, run_cfg=cfg, safety_calib=calib, safety_probe=probe,
-        base_model_ref=base_ref, log=log,
+        base_model_ref=base_ref, log=log, run_dir=str(run_dir),
     )
     ctx.train = lambda examples, tcfg, hooks, tag, seed=cfg.seed: train_on(
         model, tokenizer, examples, tcfg, seed, hooks, tag, log)

@@ -1,0 +1,300 @@
+"""SafeAnchor (arXiv 2604.17691): SSI + OSCA + anchor loss + CSM replay. ALGORITHMS.md §1–§4.
+
+Per domain t:
+  before_domain  SSI: per-example safety gradients on the calibration set at the current
+                 model -> per-tensor Fisher eigenbasis (thin SVD) -> Fisher-weighted merge
+                 with the previous subspace; α_i from the normalised trace; anchor reference
+                 log-probs of θ_{t−1} cached.
+  each step      loss = L_task; backward; ĝ_i = g_i − (1−α_i) V_i V_iᵀ g_i (same-shape tensors in
+                 one bmm); then γ·KL(p_{θ_{t−1}} ‖ p_θ) backpropagated separately, NOT projected.
+  after_domain   CSM: s_t on the probe set; if s_t < (1−τ)·s_0, replay E projected steps of
+                 L_task + β·L_safe, re-check, at most R rounds.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safeanchor.config import check
+from safeanchor.data import collate, encode_dataset
+from safeanchor.methods.base import Context, Method, register_method
+from safeanchor.models import lora_parameters
+from safeanchor.subspace.anchor import anchor_kl, cached_reference, response_nll
+from safeanchor.subspace.fisher import Subspace, fisher_subspace, merge_subspaces, per_example_grads, project_batched
+
+
+@dataclass
+class SafeAnchorConfig:
+    """SafeAnchor's options; paper defaults unless the comment says otherwise."""
+
+    rho: float = field(default=0.90, metadata={"doc": "energy fraction of Fisher eigenvalues kept per tensor (paper 0.90)"})
+    k_max: int = field(default=16, metadata={"doc": "cap on the subspace rank per tensor"})
+    k_fixed: int | None = field(default=None, metadata={"doc": "fixed rank instead of the energy rule (null: use rho)"})
+    calib_size: int | None = field(default=None, metadata={"doc": "calibration examples used for SSI (null: all; paper 500)"})
+    grad_chunk: int = field(default=16, metadata={"doc": "examples per vmap chunk of per-example gradients (memory)"})
+    lam: float = field(default=0.5, metadata={"doc": "adaptive relaxation α_i = clip(1 − lam·t̃_i, 0, 1) (paper λ = 0.5)"})
+    trace_norm: str = field(default="max", metadata={"doc": "t̃_i = trace_i / max_j trace_j ('max') or trace_i / Σ_j trace_j ('share')"})
+    strict: bool = field(default=False, metadata={"doc": "ablation: α = 0 everywhere (full projection)"})
+    adaptive: bool = field(default=True, metadata={"doc": "ablation off: the same α = alpha_fixed for every tensor"})
+    alpha_fixed: float = field(default=0.0, metadata={"doc": "α used when adaptive is off"})
+    incremental: bool = field(default=True, metadata={"doc": "ablation off: recompute the subspace each domain without merging the previous one"})
+    anchor: bool = field(default=True, metadata={"doc": "ablation off: no anchor loss"})
+    gamma: float = field(default=0.1, metadata={"doc": "anchor loss weight γ (paper 0.1)"})
+    anchor_batch: int = field(default=8, metadata={"doc": "anchor examples per training step"})
+    csm: bool = field(default=True, metadata={"doc": "ablation off: no monitoring / replay"})
+    tau: float = field(default=0.05, metadata={"doc": "replay when s_t < (1 − τ)·s_0 (paper 0.05)"})
+    replay_steps: int = field(default=200, metadata={"doc": "E: projected steps per replay round (paper 200)"})
+    replay_rounds: int = field(default=3, metadata={"doc": "R: max replay rounds per domain"})
+    replay_lr: float = field(default=2e-5, metadata={"doc": "replay learning rate (paper 2e-5)"})
+    replay_batch: int = field(default=16, metadata={"doc": "task examples per replay step"})
+    beta: float = field(default=1.0, metadata={"doc": "weight β of the safety loss during replay"})
+    safety_batch: int = field(default=16, metadata={"doc": "safety examples per replay step"})
+
+    def __post_init__(self) -> None:
+        check(0 < self.rho <= 1, "rho", "must be in (0, 1]")
+        check(self.k_max >= 1, "k_max", "must be >= 1")
+        check(self.k_fixed is None or self.k_fixed >= 1, "k_fixed", "must be >= 1")
+        check(self.calib_size is None or self.calib_size >= 1, "calib_size", "must be >= 1")
+        check(self.grad_chunk >= 1, "grad_chunk", "must be >= 1")
+        check(self.lam >= 0, "lam", "must be >= 0")
+        check(self.trace_norm in ("max", "share"), "trace_norm", "must be 'max' or 'share'")
+        check(0 <= self.alpha_fixed <= 1, "alpha_fixed", "must be in [0, 1]")
+        check(self.gamma >= 0, "gamma", "must be >= 0")
+        check(self.anchor_batch >= 1, "anchor_batch", "must be >= 1")
+        check(0 <= self.tau <= 1, "tau", "must be in [0, 1]")
+        check(self.replay_steps >= 1, "replay_steps", "must be >= 1")
+        check(self.replay_rounds >= 0, "replay_rounds", "must be >= 0")
+        check(self.replay_lr > 0, "replay_lr", "must be > 0")
+        check(self.replay_batch >= 1 and self.safety_batch >= 1, "replay_batch", "must be >= 1")
+        check(self.beta >= 0, "beta", "must be >= 0")
+
+
+def short_name(name: str) -> str:
+    """'base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight' -> 'L3.q_proj.A'."""
+    parts = name.split(".")
+    layer = next((parts[i + 1] for i, p in enumerate(parts) if p == "layers"), "?")
+    mod = next((p for p in parts if p.endswith("_proj")), parts[-3])
+    ab = "A" if "lora_A" in name else "B"
+    return f"L{layer}.{mod}.{ab}"
+
+
+@dataclass
+class _Group:
+    """Same-shape LoRA tensors projected in one bmm."""
+
+    params: list[torch.nn.Parameter]
+    V: torch.Tensor  # (B, n, k_pad)
+    alpha: torch.Tensor  # (B,)
+
+
+def alphas_from_traces(traces: dict[str, float], cfg: SafeAnchorConfig) -> dict[str, float]:
+    """α_i per tensor (ALGORITHMS.md §2), from NORMALISED traces (raw traces make α ≈ 1)."""
+    if cfg.strict:
+        return {k: 0.0 for k in traces}
+    if not cfg.adaptive:
+        return {k: cfg.alpha_fixed for k in traces}
+    denom = max(traces.values()) if cfg.trace_norm == "max" else sum(traces.values())
+    if denom <= 0:
+        return {k: 1.0 for k in traces}
+    return {k: min(1.0, max(0.0, 1.0 - cfg.lam * t / denom)) for k, t in traces.items()}
+
+
+@register_method("safeanchor", SafeAnchorConfig)
+class SafeAnchor(Method):
+    def __init__(self, cfg: SafeAnchorConfig) -> None:
+        self.cfg = cfg
+        self.subspaces: dict[str, Subspace] = {}
+        self.alpha: dict[str, float] = {}
+        self.groups: list[_Group] = []
+        self.s0: float | None = None
+        self.csm_log: list[dict[str, Any]] = []
+        self.ssi_log: list[dict[str, Any]] = []
+        self._anchor_batches: list[dict[str, torch.Tensor]] = []
+        self._anchor_ref: list[torch.Tensor] = []
+        self._anchor_i = 0
+        self._safety_batches: list[dict[str, torch.Tensor]] = []
+        self._safety_i = 0
+
+    # ---- SSI ------------------------------------------------------------------------
+    def _calib_batch(self, ctx: Context) -> dict[str, torch.Tensor]:
+        ex = ctx.safety_calib
+        if not ex:
+            raise ValueError("data.safety_calib: empty calibration set (SafeAnchor needs safe responses)")
+        if self.cfg.calib_size and len(ex) > self.cfg.calib_size:
+            ex = random.Random(ctx.run_cfg.seed).sample(ex, self.cfg.calib_size)
+        feats = encode_dataset(ctx.tokenizer, ex, ctx.run_cfg.train.max_length)
+        return collate(feats, ctx.tokenizer.pad_token_id)
+
+    def identify(self, ctx: Context) -> dict[str, Subspace]:
+        """Fresh per-tensor subspaces at the current model (no merge)."""
+        from torch.func import functional_call
+
+        model = ctx.model
+        params = lora_parameters(model)
+        batch = self._calib_batch(ctx)
+        was_training = model.training
+        model.eval()
+
+        def loss_fn(p, ex):
+            # Right padding + causal attention: real tokens never attend to pads, so no mask
+            # is needed (and sdpa with a mask breaks vmap). Pads carry label -100.
+            logits = functional_call(model, p, args=(), kwargs={"input_ids": ex["input_ids"]}).logits
+            return response_nll(logits, ex["labels"])
+
+        G = per_example_grads(loss_fn, params, {"input_ids": batch["input_ids"], "labels": batch["labels"]},
+                              chunk=self.cfg.grad_chunk)
+        model.train(was_training)
+        n = batch["input_ids"].shape[0]
+        return {name: fisher_subspace(g.reshape(n, -1), self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed)
+                for name, g in G.items()}
+
+    def _build_groups(self, model) -> None:
+        params = lora_parameters(model)
+        by_shape: dict[tuple, list[str]] = {}
+        for name, p in params.items():
+            if self.subspaces[name].k > 0 and self.alpha[name] < 1.0:
+                by_shape.setdefault(tuple(p.shape), []).append(name)
+        self.groups = []
+        for names in by_shape.values():
+            k_pad = max(self.subspaces[n].k for n in names)
+            nel = params[names[0]].numel()
+            V = torch.zeros(len(names), nel, k_pad)
+            for i, n in enumerate(names):  # zero columns leave the projection unchanged
+                V[i, :, : self.subspaces[n].k] = self.subspaces[n].V
+            alpha = torch.tensor([self.alpha[n] for n in names])
+            self.groups.append(_Group([params[n] for n in names], V, alpha))
+
+    @torch.no_grad()
+    def project_gradients(self) -> None:
+        for g in self.groups:
+            G = torch.stack([p.grad.reshape(-1) for p in g.params])  # (B, n)
+            G = project_batched(G, g.V.to(G.dtype), g.alpha.to(G.dtype))
+            for p, row in zip(g.params, G, strict=True):
+                p.grad.copy_(row.view_as(p.grad))
+
+    # ---- hooks ----------------------------------------------------------------------
+    def setup(self, ctx: Context) -> None:
+        if self.cfg.csm:
+            self.s0 = ctx.probe_safety()
+            ctx.log(f"  [csm] s_0 = {self.s0:.3f} on {len(ctx.safety_probe)} probe prompts")
+        if self.cfg.anchor or self.cfg.csm:
+            feats = encode_dataset(ctx.tokenizer, ctx.safety_calib, ctx.run_cfg.train.max_length)
+            order = list(range(len(feats)))
+            random.Random(ctx.run_cfg.seed).shuffle(order)
+            pad = ctx.tokenizer.pad_token_id
+            self._anchor_batches = [collate([feats[i] for i in order[s : s + self.cfg.anchor_batch]], pad)
+                                    for s in range(0, len(order), self.cfg.anchor_batch)]
+            self._safety_batches = [collate([feats[i] for i in order[s : s + self.cfg.safety_batch]], pad)
+                                    for s in range(0, len(order), self.cfg.safety_batch)]
+
+    def before_domain(self, ctx: Context) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        fresh = self.identify(ctx)
+        if self.cfg.incremental and self.subspaces:
+            merged = {n: merge_subspaces(self.subspaces[n], s, self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed)
+                      for n, s in fresh.items()}
+        else:
+            merged = fresh
+        self.subspaces = merged
+        self.alpha = alphas_from_traces({n: s.trace for n, s in fresh.items()}, self.cfg)
+        self._build_groups(ctx.model)
+        ssi_s = time.perf_counter() - t0
+        empty = [short_name(n) for n, s in merged.items() if s.k == 0]
+        ks = [s.k for s in merged.values()]
+        al = list(self.alpha.values())
+        rec = {
+            "domain": ctx.domain, "ssi_s": ssi_s, "k_mean": sum(ks) / len(ks), "k_max": max(ks),
+            "k_zero": len(empty), "alpha_min": min(al), "alpha_mean": sum(al) / len(al),
+            "k": {short_name(n): s.k for n, s in merged.items()},
+            "alpha": {short_name(n): round(self.alpha[n], 4) for n in merged},
+        }
+        self.ssi_log.append(rec)
+        ctx.log(f"  [ssi] {ssi_s:.1f}s: k mean {rec['k_mean']:.1f} max {rec['k_max']}, "
+                f"{len(empty)} tensors with k=0 (zero gradient, e.g. lora_A at B=0); "
+                f"α min {rec['alpha_min']:.3f} mean {rec['alpha_mean']:.3f}")
+        if ctx.run_cfg is not None and getattr(ctx, "run_dir", None):
+            self.save_subspaces(Path(ctx.run_dir) / "subspaces" / f"step{ctx.step}-{ctx.domain}.safetensors")
+        if self.cfg.anchor and self.cfg.gamma > 0:
+            self._anchor_ref = cached_reference(ctx.model, self._anchor_batches)
+            self._anchor_i = 0
+
+    def after_backward(self, model, batch) -> None:
+        self.project_gradients()
+        if self.cfg.anchor and self.cfg.gamma > 0 and self._anchor_ref:
+            # Separate backward: the anchor gradient is added AFTER the projection (not projected).
+            i = self._anchor_i % len(self._anchor_batches)
+            self._anchor_i += 1
+            (self.cfg.gamma * anchor_kl(model, self._anchor_batches[i], self._anchor_ref[i])).backward()
+
+    def after_domain(self, ctx: Context) -> dict[str, Any]:
+        info: dict[str, Any] = {"ssi": self.ssi_log[-1]}
+        if not self.cfg.csm:
+            return info
+        s_t = ctx.probe_safety()
+        thr = (1 - self.cfg.tau) * self.s0
+        rec = {"domain": ctx.domain, "s_t": s_t, "s_0": self.s0, "threshold": thr,
+               "triggered": s_t < thr, "rounds": 0, "s_after": s_t}
+        ctx.log(f"  [csm] s_t = {s_t:.3f} (threshold {thr:.3f}): {'replay' if s_t < thr else 'ok'}")
+        s = s_t
+        while s < thr and rec["rounds"] < self.cfg.replay_rounds:
+            rec["rounds"] += 1
+            n = self.cfg.replay_steps * self.cfg.replay_batch
+            task = random.Random(ctx.step * 7919 + rec["rounds"]).choices(ctx.domain_train, k=n)
+            tcfg = replace(ctx.run_cfg.train, lr=self.cfg.replay_lr, batch_size=self.cfg.replay_batch,
+                           epochs=1.0, max_steps=self.cfg.replay_steps, warmup_ratio=0.0, schedule="constant")
+            ctx.train(task, tcfg, _Replay(self), f"replay {rec['rounds']}")
+            s = ctx.probe_safety()
+            ctx.log(f"  [csm] after replay round {rec['rounds']}: s = {s:.3f}")
+        rec["s_after"] = s
+        self.csm_log.append(rec)
+        info["csm"] = rec
+        return info
+
+    # ---- persistence ----------------------------------------------------------------
+    def save_subspaces(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for n, s in self.subspaces.items():
+            tensors[f"{n}.V"] = s.V.contiguous()
+            tensors[f"{n}.lam"] = s.lam.contiguous()
+            tensors[f"{n}.trace"] = torch.tensor([s.trace])
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+
+    @staticmethod
+    def load_subspaces(path: Path) -> dict[str, Subspace]:
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        names = {k.rsplit(".", 1)[0] for k in t}
+        return {n: Subspace(t[f"{n}.V"], t[f"{n}.lam"], float(t[f"{n}.trace"][0])) for n in names}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"s0": self.s0, "csm": self.csm_log, "ssi": self.ssi_log}
+
+
+class _Replay:
+    """Replay step hooks: L_task + β·L_safe on a calibration batch; projected gradients."""
+
+    def __init__(self, sa: SafeAnchor) -> None:
+        self.sa = sa
+
+    def loss(self, model, batch, task_loss):
+        sa = self.sa
+        b = sa._safety_batches[sa._safety_i % len(sa._safety_batches)]
+        sa._safety_i += 1
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        return task_loss + sa.cfg.beta * out.loss
+
+    def after_backward(self, model, batch) -> None:
+        self.sa.project_gradients()

@@ -1,0 +1,142 @@
+"""The run config: presets in workflows/configs/ and `--set` overrides, validated with errors
+that name the dotted key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from safeanchor.config import ConfigError
+from safeanchor.pipeline.config import RunConfig, load_run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "workflows" / "configs").glob("*.yaml"))
+TINY = ROOT / "workflows" / "configs" / "tiny.yaml"
+
+
+def test_presets_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"toy.yaml", "tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_preset_validates(path):
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# python workflows/"), f"{path.name}: first line {first!r}"
+    cfg = load_run_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.data.order
+    assert all(d in cfg.data.domains for d in cfg.data.order)
+
+
+def test_tiny_inherits_from_toy_and_overrides():
+    toy = load_run_config(ROOT / "workflows" / "configs" / "toy.yaml")
+    tiny = load_run_config(TINY)
+    # Inherited from toy.yaml ...
+    assert tiny.model.name == toy.model.name == "toyworld:aligned"
+    assert tiny.data.order == toy.data.order
+    assert tiny.lora.r == toy.lora.r
+    # ... and made smaller by tiny.yaml.
+    assert tiny.toyworld.data.domain_entities < toy.toyworld.data.domain_entities
+    assert tiny.data.max_train_examples == 48
+    assert tiny.eval.max_new_tokens == 8
+
+
+def _error(*overrides: str, **top) -> ConfigError:
+    with pytest.raises(ConfigError) as ei:
+        load_run_config(TINY, list(overrides), **top)
+    return ei.value
+
+
+def test_unknown_key_is_named():
+    e = _error("train.lrr=1")
+    assert "train.lrr" in str(e)
+    assert "unknown key" in str(e)
+
+
+def test_wrong_type_is_named():
+    e = _error("train.lr=abc")
+    assert e.key == "train.lr"
+    assert "train.lr" in str(e)
+    assert "abc" in str(e)
+
+
+def test_out_of_range_is_named():
+    e = _error("train.lr=-1")
+    assert e.key == "train.lr"
+    assert "train.lr" in str(e)
+
+
+def test_nested_out_of_range_is_named():
+    e = _error("toyworld.data.general_entities=0")
+    assert "toyworld.data.general_entities" in str(e)
+
+
+def test_unknown_method_is_named():
+    e = _error(method="nope")
+    assert e.key == "method"
+    assert "'nope'" in str(e)
+    assert "lora" in str(e)  # lists the known methods
+    e = _error("method=nope")
+    assert e.key == "method"
+
+
+def test_unknown_domain_in_order_is_named():
+    e = _error("data.order=[medical, nope]")
+    assert "data.order" in str(e)
+    assert "nope" in str(e)
+    e = _error(**{"data.order": ["medical", "nope"]})
+    assert "data.order" in str(e)
+
+
+def test_duplicate_domain_in_order_rejected():
+    e = _error("data.order=[medical, medical]")
+    assert "data.order" in str(e)
+
+
+def test_unknown_method_options_rejected():
+    e = _error("methods.nope.x=1")
+    assert "methods.nope" in str(e)
+    e = _error("methods.lora.x=1")
+    assert "methods.lora.x" in str(e)
+
+
+def test_scientific_notation_is_float():
+    cfg = load_run_config(TINY, ["train.lr=1e-4"])
+    assert isinstance(cfg.train.lr, float)
+    assert cfg.train.lr == pytest.approx(1e-4)
+
+
+def test_list_override():
+    cfg = load_run_config(TINY, ["eval.harmful_files=[a.jsonl, b.jsonl]"])
+    assert cfg.eval.harmful_files == ["a.jsonl", "b.jsonl"]
+
+
+def test_later_override_wins_and_top_level_values_apply():
+    cfg = load_run_config(TINY, ["seed=1", "seed=2"], storage="/tmp/x", method="lora")
+    assert cfg.seed == 2
+    assert cfg.storage == "/tmp/x"
+    cfg = load_run_config(TINY, ["seed=1"], seed=5)
+    assert cfg.seed == 5  # explicit CLI flags win over --set
+
+
+def test_resolved_run_id():
+    cfg = load_run_config(TINY)
+    assert cfg.run_id is None
+    assert cfg.resolved_run_id() == "lora-seed0-medical-legal-code"
+    cfg = load_run_config(TINY, ["seed=3", "data.order=[code, medical]"])
+    assert cfg.resolved_run_id() == "lora-seed3-code-medical"
+    cfg = load_run_config(TINY, run_id="my-run_1.a")
+    assert cfg.resolved_run_id() == "my-run_1.a"
+
+
+def test_bad_run_id_rejected():
+    e = _error(run_id="../escape")
+    assert e.key == "run_id"
+
+
+def test_defaults_without_file():
+    cfg = load_run_config(None)
+    assert cfg.method == "lora"
+    assert cfg.uses_toyworld()
