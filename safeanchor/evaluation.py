@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from safeanchor.config import check
+from safeanchor.config import ConfigError, check
 from safeanchor.data import ChatExample, collate_prompts, encode_prompt, load_examples
 from safeanchor.judges import Judge, JudgeConfig
 
@@ -50,16 +50,18 @@ class EvalSuite:
 def load_extra_files(cfg: EvalConfig) -> tuple[dict[str, list[ChatExample]], dict[str, list[ChatExample]]]:
     """Read `eval.harmful_files` / `eval.benign_files` (errors name the file and line)."""
 
-    def read(files: list[str]) -> dict[str, list[ChatExample]]:
+    def read(files: list[str], key: str) -> dict[str, list[ChatExample]]:
         out: dict[str, list[ChatExample]] = {}
         for f in files:
             stem = Path(f).stem
-            if stem in out:
-                raise ValueError(f"eval files: two files share the stem {stem!r} ({f})")
+            if stem in out or stem in taken:
+                raise ConfigError(key, f"two evaluation files share the name {stem!r} ({f}); rename one")
             out[stem] = load_examples(f, require_response=False)
+        taken.update(out)
         return out
 
-    return read(cfg.harmful_files), read(cfg.benign_files)
+    taken: set[str] = set()
+    return read(cfg.harmful_files, "eval.harmful_files"), read(cfg.benign_files, "eval.benign_files")
 
 
 @torch.no_grad()

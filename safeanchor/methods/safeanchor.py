@@ -25,7 +25,13 @@ from safeanchor.data import collate, encode_dataset
 from safeanchor.methods.base import Context, Method, register_method
 from safeanchor.models import lora_parameters
 from safeanchor.subspace.anchor import anchor_kl, cached_reference, response_nll
-from safeanchor.subspace.fisher import Subspace, fisher_subspace, merge_subspaces, per_example_grads, project_batched
+from safeanchor.subspace.fisher import (
+    Subspace,
+    fisher_subspace,
+    merge_subspaces,
+    per_example_grads,
+    project_batched,
+)
 
 
 @dataclass

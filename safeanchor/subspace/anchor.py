@@ -18,11 +18,12 @@ def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # Masked mean written without boolean indexing or data-dependent branches, so that it
+    # runs under torch.func.vmap (per-example gradients).
     lg, lb = shifted(logits, labels)
-    mask = lb != -100
-    if not bool(mask.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(lg[mask].float(), lb[mask])
+    mask = (lb != -100).to(lg.dtype)
+    nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), lb.clamp(min=0).reshape(-1), reduction="none")
+    return (nll * mask.reshape(-1)).sum() / mask.sum().clamp(min=1.0)
 
 
 @torch.no_grad()

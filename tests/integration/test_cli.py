@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "workflows" / "sequential.py"
 TINY = ROOT / "workflows" / "configs" / "tiny.yaml"
@@ -75,9 +73,8 @@ def test_malformed_jsonl(tmp_path):
     assert_clean_failure(tmp_path, proc, f"{bad}:2")
 
 
-@pytest.mark.parametrize("suffix", [".jsonl"])
-def test_empty_dataset(tmp_path, suffix):
-    empty = tmp_path / f"empty{suffix}"
+def test_empty_dataset(tmp_path):
+    empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     proc = run_cli(tmp_path, "--set", f"eval.benign_files=[{empty}]")
     assert_clean_failure(tmp_path, proc, str(empty), "no examples")
