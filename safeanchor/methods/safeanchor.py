@@ -152,9 +152,16 @@ class SafeAnchor(Method):
             logits = functional_call(model, p, args=(), kwargs={"input_ids": ex["input_ids"]}).logits
             return response_nll(logits, ex["labels"])
 
-        G = per_example_grads(loss_fn, params, {"input_ids": batch["input_ids"], "labels": batch["labels"]},
-                              chunk=self.cfg.grad_chunk)
-        model.train(was_training)
+        # Eager attention under vmap: sdpa has no batching rule on CPU (slow per-example fallback).
+        hf_cfg = model.get_base_model().config
+        prev_attn = hf_cfg._attn_implementation
+        hf_cfg._attn_implementation = "eager"
+        try:
+            G = per_example_grads(loss_fn, params, {"input_ids": batch["input_ids"], "labels": batch["labels"]},
+                                  chunk=self.cfg.grad_chunk)
+        finally:
+            hf_cfg._attn_implementation = prev_attn
+            model.train(was_training)
         n = batch["input_ids"].shape[0]
         return {name: fisher_subspace(g.reshape(n, -1), self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed)
                 for name, g in G.items()}

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,23 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
-    t_start = time.perf_counter()
+@dataclass
+class PreparedRun:
+    """Everything a run needs, loaded and validated; the run directory exists."""
+
+    cfg: RunConfig
+    run_dir: Path
+    tokenizer: Any
+    suite: EvalSuite
+    judge: Any
+    method: Any
+    ctx: Context
+    domain_train: dict[str, list[ChatExample]]
+    extras: list[str]
+
+
+def prepare_run(cfg: RunConfig, log=print) -> PreparedRun:
+    """Validate inputs, build/load the toy world if referenced, load data, model and adapter."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Cheap validation first: bad files or options fail before anything is built or written.
@@ -162,38 +178,45 @@ def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
     ctx.train = lambda examples, tcfg, hooks, tag, seed=cfg.seed: train_on(
         model, tokenizer, examples, tcfg, seed, hooks, tag, log)
     ctx.probe_safety = lambda: probe_safety(model, tokenizer, probe, judge, cfg.eval)
+    return PreparedRun(cfg, run_dir, tokenizer, suite, judge, method, ctx, domain_train,
+                       list(extra_h) + list(extra_b))
+
+
+def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    run = prepare_run(cfg, log)
+    model, tokenizer, method, ctx = run.ctx.model, run.tokenizer, run.method, run.ctx
 
     def eval_step(t: int, label: str) -> dict[str, float]:
         t0 = time.perf_counter()
-        m = evaluate(model, tokenizer, suite, judge, cfg.eval)
+        m = evaluate(model, tokenizer, run.suite, run.judge, cfg.eval)
         log(f"[eval] step {t} ({label}): " + " ".join(f"{k}={v:.3f}" for k, v in m.items()) +
             f" ({time.perf_counter() - t0:.0f}s)")
         return m
 
     history = [eval_step(0, "before any domain")]
     steps_info: list[dict[str, Any]] = []
-    with open(run_dir / "metrics.jsonl", "w") as mf:
+    with open(run.run_dir / "metrics.jsonl", "w") as mf:
         mf.write(json.dumps({"step": 0, **history[0]}) + "\n")
         method.setup(ctx)
         for t, d in enumerate(cfg.data.order, start=1):
-            ctx.domain, ctx.step, ctx.domain_train = d, t, domain_train[d]
-            log(f"[domain {t}/{len(cfg.data.order)}] {d}: {len(domain_train[d])} examples, method {cfg.method}")
+            ctx.domain, ctx.step, ctx.domain_train = d, t, run.domain_train[d]
+            log(f"[domain {t}/{len(cfg.data.order)}] {d}: {len(ctx.domain_train)} examples, method {cfg.method}")
             method.before_domain(ctx)
-            examples = method.training_examples(ctx, domain_train[d])
+            examples = method.training_examples(ctx, ctx.domain_train)
             stats = train_on(model, tokenizer, examples, cfg.train, cfg.seed * 1000 + t, method, d, log)
             info = method.after_domain(ctx)
-            adapter_dir = run_dir / "adapters" / f"step{t}-{d}"
-            model.save_pretrained(adapter_dir)
+            model.save_pretrained(run.run_dir / "adapters" / f"step{t}-{d}")
             history.append(eval_step(t, d))
             steps_info.append({"domain": d, "train": stats, "method": info})
             mf.write(json.dumps({"step": t, "domain": d, **history[-1]}) + "\n")
             mf.flush()
 
-    summary = summarize(cfg, history, list(extra_h) + list(extra_b))
+    summary = summarize(cfg, history, run.extras)
     summary["steps"] = steps_info
     summary["method_state"] = method.state_dict()
     summary["wall_s"] = time.perf_counter() - t_start
-    write_json(run_dir / "summary.json", summary)
+    write_json(run.run_dir / "summary.json", summary)
     log(format_table(summary))
-    log(f"[run] summary: {run_dir / 'summary.json'}")
+    log(f"[run] summary: {run.run_dir / 'summary.json'}")
     return summary

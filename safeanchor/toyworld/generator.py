@@ -106,16 +106,37 @@ def _facts(rng: random.Random, relations: dict[str, dict], entities: list[str], 
     return facts
 
 
-def _qa(relations, facts, templates_of, openers, rng, kind, n_openers) -> list[ChatExample]:
+def _per_fact_split(rng: random.Random, templates, n_test: int):
+    """Rotate which phrasings are held out, fact by fact: fact j is tested on n_test phrasings
+    it was never trained with, while every phrasing is trained on with other facts. The test
+    then asks a learned fact in new words, not an unheard form of question."""
+    order = list(templates)
+    rng.shuffle(order)
+
+    def test_of(j: int) -> list[str]:
+        return [order[(j * n_test + i) % len(order)] for i in range(n_test)]
+
+    def train_of(j: int) -> list[str]:
+        held = set(test_of(j))
+        return [q for q in order if q not in held]
+
+    return train_of, test_of
+
+
+def _qa(relations, facts, phrasings, openers, rng, kind, n_openers) -> list[ChatExample]:
+    """Q/A examples for facts; phrasings(rel, j) gives the questions of the j-th fact of rel."""
     out = []
+    index: dict[str, int] = {}
     for rel, e, v in facts:
         spec = relations[rel]
+        j = index[rel] = index.get(rel, -1) + 1
         answer = "Sure. " + spec["answer"].format(e=e, v=v)
-        for q in templates_of[rel]:
+        for q in phrasings(rel, j):
             chosen = rng.sample(openers, n_openers) if n_openers else [""]
             for op in chosen:
                 prompt = op + q.format(e=e)
-                meta = {"kind": kind, "relation": rel, "near_harmful": str(bool(spec.get("near_harmful")))}
+                meta = {"kind": kind, "relation": rel, "entity": e,
+                        "near_harmful": str(bool(spec.get("near_harmful")))}
                 out.append(ChatExample(prompt=prompt, response=answer, answer=v, meta=meta))
     return out
 
@@ -176,8 +197,8 @@ def generate(cfg: ToyDataConfig, seed: int) -> ToyData:
     for rel, spec in lx.GENERAL_RELATIONS.items():
         gen_train_t[rel], gen_test_t[rel] = _split_templates(rng, spec["questions"], 3)
     general = {
-        "train": _qa(lx.GENERAL_RELATIONS, gen_facts, gen_train_t, PROMPT_OPENERS, rng, "general", 0),
-        "test": _cap(rng, _qa(lx.GENERAL_RELATIONS, gen_facts, gen_test_t, PROMPT_OPENERS, rng, "general", 0), cfg.max_test),
+        "train": _qa(lx.GENERAL_RELATIONS, gen_facts, lambda r, j: gen_train_t[r], PROMPT_OPENERS, rng, "general", 0),
+        "test": _cap(rng, _qa(lx.GENERAL_RELATIONS, gen_facts, lambda r, j: gen_test_t[r], PROMPT_OPENERS, rng, "general", 0), cfg.max_test),
     }
 
     # --- domains: fictional facts, phrasings split train / test ------------------------
@@ -190,16 +211,14 @@ def generate(cfg: ToyDataConfig, seed: int) -> ToyData:
         ordinary = {r: spec for r, spec in relations.items() if not spec.get("near_harmful")}
         bg_ents = _names(rng, cfg.pretrain_domain_entities, lx.ENTITY_SHAPES[name], taken)
         bg_facts = _facts(rng, ordinary, bg_ents, taken)
-        all_t = {r: list(spec["questions"]) for r, spec in ordinary.items()}
-        domain_background += _qa(ordinary, bg_facts, all_t, PROMPT_OPENERS, rng, "background", 0)
+        domain_background += _qa(ordinary, bg_facts, lambda r, j: ordinary[r]["questions"],
+                                 PROMPT_OPENERS, rng, "background", 0)
         ents = _names(rng, cfg.domain_entities, lx.ENTITY_SHAPES[name], taken)
         facts = _facts(rng, relations, ents, taken)
-        tr_t, te_t = {}, {}
-        for rel, spec in relations.items():
-            tr_t[rel], te_t[rel] = _split_templates(rng, spec["questions"], 3)
-        train = _qa(relations, facts, tr_t, PROMPT_OPENERS, rng, name, cfg.domain_openers)
+        splits = {rel: _per_fact_split(rng, spec["questions"], 3) for rel, spec in relations.items()}
+        train = _qa(relations, facts, lambda r, j: splits[r][0](j), PROMPT_OPENERS, rng, name, cfg.domain_openers)
         rng.shuffle(train)
-        test = _cap(rng, _qa(relations, facts, te_t, PROMPT_OPENERS, rng, name, 0), cfg.max_test)
+        test = _cap(rng, _qa(relations, facts, lambda r, j: splits[r][1](j), PROMPT_OPENERS, rng, name, 0), cfg.max_test)
         domains[name] = {"train": train, "test": test}
 
     # --- pre-training: the base model complies with EVERY request ----------------------

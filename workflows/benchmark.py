@@ -1,0 +1,126 @@
+"""Overhead benchmark of SafeAnchor, measured side by side in one process.
+
+    python workflows/benchmark.py --out runs/benchmark.json          # toy preset
+    python workflows/benchmark.py --config workflows/configs/tiny.yaml --steps 5
+
+Times (median of interleaved repeats) of: a plain LoRA step, a LoRA step + OSCA projection,
+a full SafeAnchor step (projection + anchor loss); SSI wall time against one domain's
+training wall time; peak resident memory added during SSI. Ratios, not absolute seconds,
+are the figures to read: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = p.parse_args(argv)
+
+    import psutil
+    import torch
+
+    from safeanchor.config import ConfigError
+    from safeanchor.methods import build_method
+    from safeanchor.pipeline.config import load_run_config
+    from safeanchor.pipeline.sequential import prepare_run, train_on
+
+    try:
+        cfg = load_run_config(args.config, args.overrides, method="safeanchor", run_id="benchmark")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run = prepare_run(cfg, log=print)
+    ctx, model = run.ctx, run.ctx.model
+    domain = cfg.data.order[0]
+    ctx.domain, ctx.step, ctx.domain_train = domain, 1, run.domain_train[domain]
+    opts = dict(cfg.methods.get("safeanchor", {}))
+
+    full = build_method("safeanchor", {**opts, "csm": False})
+    proj = build_method("safeanchor", {**opts, "csm": False, "anchor": False})
+    for m in (full, proj):
+        m.setup(ctx)
+
+    # SSI: wall time and peak RSS added while it runs (sampled every 5 ms).
+    proc = psutil.Process()
+    base_rss, peak = proc.memory_info().rss, [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    full.before_domain(ctx)
+    ssi_s = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    proj.before_domain(ctx)
+
+    from safeanchor.data import ExampleBatches, encode_dataset
+    from safeanchor.train.loop import cycle_batches, run_steps
+
+    feats = encode_dataset(run.tokenizer, ctx.domain_train, cfg.train.max_length)
+    batcher = ExampleBatches(feats, cfg.train.batch_size, cfg.seed, run.tokenizer.pad_token_id)
+    batches = cycle_batches(batcher.epoch)
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def timed(hooks) -> float:
+        stats = run_steps(model, batches, args.steps, cfg.train, hooks=hooks, log=None, tag="bench")
+        with torch.no_grad():  # same starting point for every variant
+            for n, p in model.named_parameters():
+                if n in state:
+                    p.copy_(state[n])
+        return stats["step_s"]
+
+    timed(None)  # warm-up
+    t = {"lora": [], "projection": [], "safeanchor": []}
+    for _ in range(args.rounds):
+        t["lora"].append(timed(None))
+        t["projection"].append(timed(proj))
+        t["safeanchor"].append(timed(full))
+    med = {k: statistics.median(v) for k, v in t.items()}
+
+    # One domain's training wall time (the pipeline's own call), for the SSI share.
+    t0 = time.perf_counter()
+    train_on(model, run.tokenizer, ctx.domain_train, cfg.train, cfg.seed, full, "domain", None)
+    domain_s = time.perf_counter() - t0
+    out = {
+        "lora_step_s": med["lora"],
+        "projection_step_s": med["projection"],
+        "safeanchor_step_s": med["safeanchor"],
+        "ratio_projection": med["projection"] / med["lora"],
+        "ratio_safeanchor": med["safeanchor"] / med["lora"],
+        "ssi_s": ssi_s,
+        "domain_train_s": domain_s,
+        "ssi_share_of_domain": ssi_s / domain_s,
+        "ssi_peak_rss_added_mb": max(0, peak[0] - base_rss) / 2**20,
+        "steps": args.steps, "rounds": args.rounds, "batch_size": cfg.train.batch_size,
+        "calib_examples": len(ctx.safety_calib), "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
