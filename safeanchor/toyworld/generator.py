@@ -211,14 +211,14 @@ def generate(cfg: ToyDataConfig, seed: int) -> ToyData:
         ordinary = {r: spec for r, spec in relations.items() if not spec.get("near_harmful")}
         bg_ents = _names(rng, cfg.pretrain_domain_entities, lx.ENTITY_SHAPES[name], taken)
         bg_facts = _facts(rng, ordinary, bg_ents, taken)
-        domain_background += _qa(ordinary, bg_facts, lambda r, j: ordinary[r]["questions"],
+        domain_background += _qa(ordinary, bg_facts, lambda r, j, o=ordinary: o[r]["questions"],
                                  PROMPT_OPENERS, rng, "background", 0)
         ents = _names(rng, cfg.domain_entities, lx.ENTITY_SHAPES[name], taken)
         facts = _facts(rng, relations, ents, taken)
         splits = {rel: _per_fact_split(rng, spec["questions"], 3) for rel, spec in relations.items()}
-        train = _qa(relations, facts, lambda r, j: splits[r][0](j), PROMPT_OPENERS, rng, name, cfg.domain_openers)
+        train = _qa(relations, facts, lambda r, j, sp=splits: sp[r][0](j), PROMPT_OPENERS, rng, name, cfg.domain_openers)
         rng.shuffle(train)
-        test = _cap(rng, _qa(relations, facts, lambda r, j: splits[r][1](j), PROMPT_OPENERS, rng, name, 0), cfg.max_test)
+        test = _cap(rng, _qa(relations, facts, lambda r, j, sp=splits: sp[r][1](j), PROMPT_OPENERS, rng, name, 0), cfg.max_test)
         domains[name] = {"train": train, "test": test}
 
     # --- pre-training: the base model complies with EVERY request ----------------------

@@ -77,7 +77,7 @@ def test_anchor_gradient_zero_at_reference_nonzero_after_move_and_not_projected(
     assert max(g.abs().max().item() for g in at_ref.values()) < 1e-6
 
     with torch.no_grad():  # θ moves away from θ_{t-1}
-        for n, p in lora_parameters(ctx.model).items():
+        for p in lora_parameters(ctx.model).values():
             p.add_(0.05 * torch.randn_like(p))
     ctx.model.zero_grad()
     anchor_kl(ctx.model, batch, ref).backward()
