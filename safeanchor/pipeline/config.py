@@ -15,6 +15,7 @@ from safeanchor.config import ConfigError, apply_overrides, check, from_dict, lo
 from safeanchor.evaluation import EvalConfig
 from safeanchor.models import LoraConfig, ModelConfig
 from safeanchor.toyworld.build import ToyWorldConfig
+from safeanchor.tracking import TrackingConfig
 from safeanchor.train.loop import TrainConfig
 
 
@@ -72,6 +73,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=_domain_train, metadata={"doc": "optimisation per domain"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "generation and judging"})
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig, metadata={"doc": "the embedded toy world (used by toyworld: references)"})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"doc": "MLflow tracking (parent run + one child run per domain)"})
 
     def __post_init__(self) -> None:
         check(self.threads is None or self.threads >= 1, "threads", "must be >= 1")

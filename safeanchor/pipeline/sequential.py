@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from safeanchor.config import ConfigError, save_config
+from safeanchor.config import ConfigError, save_config, to_dict
 from safeanchor.data import ChatExample, ExampleBatches, encode_dataset, load_examples
 from safeanchor.evaluation import EvalSuite, evaluate, load_extra_files, probe_safety
 from safeanchor.judges import build_judge
 from safeanchor.methods import Context, build_method
 from safeanchor.models import add_lora, load_model, load_tokenizer, resolve
 from safeanchor.pipeline.config import RunConfig
+from safeanchor.tracking import make_tracker, numeric_scalars
 from safeanchor.train.loop import TrainConfig, cycle_batches, run_steps
 
 CORE_METRICS = ("safety", "over_refusal", "helpful", "general")
@@ -186,7 +187,30 @@ def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
     t_start = time.perf_counter()
     run = prepare_run(cfg, log)
     model, tokenizer, method, ctx = run.ctx.model, run.tokenizer, run.method, run.ctx
+    tracker = make_tracker(cfg.tracking, Path(cfg.storage))
+    status = "FAILED"  # what the MLflow run ends with unless tracker.finish() ran
+    try:
+        tracker.start(cfg.resolved_run_id(), to_dict(cfg),
+                      tags={"method": cfg.method, "seed": cfg.seed, "order": ",".join(cfg.data.order)})
+        if tracker.run_id:
+            log(f"[mlflow] run {tracker.run_id} at {tracker.tracking_uri}")
+        summary = _run_steps(cfg, run, model, tokenizer, method, ctx, tracker, log)
+        summary["wall_s"] = time.perf_counter() - t_start
+        summary["mlflow_tracking_uri"] = tracker.tracking_uri
+        summary["mlflow_run_id"] = tracker.run_id
+        write_json(run.run_dir / "summary.json", summary)
+        tracker.finish(summary, run.run_dir)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.fail(status)  # no-op after finish(); else ends the child / parent run
+    log(format_table(summary))
+    log(f"[run] summary: {run.run_dir / 'summary.json'}")
+    return summary
 
+
+def _run_steps(cfg: RunConfig, run: PreparedRun, model, tokenizer, method, ctx, tracker, log) -> dict[str, Any]:
     def eval_step(t: int, label: str) -> dict[str, float]:
         t0 = time.perf_counter()
         m = evaluate(model, tokenizer, run.suite, run.judge, cfg.eval)
@@ -195,28 +219,44 @@ def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
         return m
 
     history = [eval_step(0, "before any domain")]
+    tracker.log_metrics(history[0], step=0)
     steps_info: list[dict[str, Any]] = []
     with open(run.run_dir / "metrics.jsonl", "w") as mf:
         mf.write(json.dumps({"step": 0, **history[0]}) + "\n")
         method.setup(ctx)
         for t, d in enumerate(cfg.data.order, start=1):
-            ctx.domain, ctx.step, ctx.domain_train = d, t, run.domain_train[d]
-            log(f"[domain {t}/{len(cfg.data.order)}] {d}: {len(ctx.domain_train)} examples, method {cfg.method}")
-            method.before_domain(ctx)
-            examples = method.training_examples(ctx, ctx.domain_train)
-            stats = train_on(model, tokenizer, examples, cfg.train, cfg.seed * 1000 + t, method, d, log)
-            info = method.after_domain(ctx)
-            model.save_pretrained(run.run_dir / "adapters" / f"step{t}-{d}")
-            history.append(eval_step(t, d))
-            steps_info.append({"domain": d, "train": stats, "method": info})
-            mf.write(json.dumps({"step": t, "domain": d, **history[-1]}) + "\n")
-            mf.flush()
+            with tracker.domain(t, d):
+                ctx.domain, ctx.step, ctx.domain_train = d, t, run.domain_train[d]
+                log(f"[domain {t}/{len(cfg.data.order)}] {d}: {len(ctx.domain_train)} examples, method {cfg.method}")
+                method.before_domain(ctx)
+                examples = method.training_examples(ctx, ctx.domain_train)
+                stats = train_on(model, tokenizer, examples, cfg.train, cfg.seed * 1000 + t, method, d, log)
+                info = method.after_domain(ctx)
+                adapter_dir = run.run_dir / "adapters" / f"step{t}-{d}"
+                model.save_pretrained(adapter_dir)
+                history.append(eval_step(t, d))
+                steps_info.append({"domain": d, "train": stats, "method": info})
+                mf.write(json.dumps({"step": t, "domain": d, **history[-1]}) + "\n")
+                mf.flush()
+                _track_step(tracker, run.run_dir, t, d, history[-1], stats, info, adapter_dir)
 
     summary = summarize(cfg, history, run.extras)
     summary["steps"] = steps_info
     summary["method_state"] = method.state_dict()
-    summary["wall_s"] = time.perf_counter() - t_start
-    write_json(run.run_dir / "summary.json", summary)
-    log(format_table(summary))
-    log(f"[run] summary: {run.run_dir / 'summary.json'}")
     return summary
+
+
+def _track_step(tracker, run_dir: Path, t: int, d: str, evals: dict[str, float], stats: dict,
+                info: dict, adapter_dir: Path) -> None:
+    """One domain's metrics on the child run and the parent (step t), its adapter and subspaces."""
+    metrics = dict(evals)
+    metrics.update({f"train/{k}": stats[k] for k in ("loss_last", "step_s", "wall_s") if k in stats})
+    metrics.update(numeric_scalars(info or {}))
+    tracker.log_metrics(metrics, step=t, child=True)
+    tracker.log_metrics(metrics, step=t)
+    tracker.log_artifact(adapter_dir, "adapter", child=True)
+    sub = run_dir / "subspaces"
+    if sub.is_dir():
+        for f in sorted(sub.glob(f"step{t}-{d}*")):
+            if f.is_file():
+                tracker.log_artifact(f, "subspaces", child=True)

@@ -22,7 +22,8 @@ def cache(tmp_path_factory):
 def _run(tmp_path, cache, *extra):
     argv = ["--config", TINY, "--storage", str(tmp_path / "runs"), "--set", f"toyworld.cache_dir={cache}", *extra]
     assert sequential.main(argv) == 0
-    runs = list((tmp_path / "runs").iterdir())
+    # run directories only (storage also holds the MLflow store: mlflow.db, mlartifacts/)
+    runs = [p for p in (tmp_path / "runs").iterdir() if (p / "config.yaml").exists()]
     assert len(runs) == 1
     return runs[0]
 
