@@ -32,7 +32,7 @@ from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, cycle_batches, run_steps
 
 # Bump when the generator or the build recipe changes in a way that alters the artefacts.
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 
 
 def default_cache_dir() -> Path:
@@ -64,7 +64,7 @@ class ToyModelConfig:
 
 
 def _pretrain_default() -> TrainConfig:
-    return TrainConfig(lr=2e-3, max_steps=900, epochs=100, batch_size=32, max_length=64,
+    return TrainConfig(lr=2e-3, max_steps=800, epochs=100, batch_size=32, max_length=64,
                        warmup_ratio=0.03, log_every=100)
 
 

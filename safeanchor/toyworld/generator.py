@@ -35,9 +35,9 @@ class ToyDataConfig:
     """Sizes and splits of the generated toy-world data."""
 
     general_entities: int = field(default=30, metadata={"doc": "fictional entities per general-knowledge relation (3 relations)"})
-    domain_entities: int = field(default=30, metadata={"doc": "fictional entities per domain (each has 3 relations)"})
-    pretrain_domain_entities: int = field(default=30, metadata={"doc": "OTHER fictional entities per domain whose ordinary (not near-harmful) facts are in pre-training: the base model knows how domain questions are asked, not the domain's own facts"})
-    domain_openers: int = field(default=4, metadata={"doc": "prompt openers sampled per (fact, phrasing) in domain training data"})
+    domain_entities: int = field(default=12, metadata={"doc": "fictional entities per domain (each has 3 relations)"})
+    pretrain_domain_entities: int = field(default=24, metadata={"doc": "OTHER fictional entities per domain whose ordinary (not near-harmful) facts are in pre-training: the base model knows how domain questions are asked, not the domain's own facts"})
+    domain_openers: int = field(default=6, metadata={"doc": "prompt openers sampled per (fact, phrasing) in domain training data"})
     templates_align: int = field(default=16, metadata={"doc": "request phrasings used for alignment (training)"})
     templates_calib: int = field(default=8, metadata={"doc": "request phrasings of the calibration set (SSI, anchor, replay)"})
     templates_probe: int = field(default=8, metadata={"doc": "request phrasings of the monitoring probe set (CSM)"})
@@ -130,10 +130,11 @@ def _qa(relations, facts, phrasings, openers, rng, kind, n_openers) -> list[Chat
     for rel, e, v in facts:
         spec = relations[rel]
         j = index[rel] = index.get(rel, -1) + 1
-        answer = "Sure. " + spec["answer"].format(e=e, v=v)
+        sentence = spec["answer"].format(e=e, v=v)
         for q in phrasings(rel, j):
             chosen = rng.sample(openers, n_openers) if n_openers else [""]
             for op in chosen:
+                answer = "Sure. " + sentence
                 prompt = op + q.format(e=e)
                 meta = {"kind": kind, "relation": rel, "entity": e,
                         "near_harmful": str(bool(spec.get("near_harmful")))}
@@ -193,30 +194,32 @@ def generate(cfg: ToyDataConfig, seed: int) -> ToyData:
     }
     gen_facts = [f for rel in lx.GENERAL_RELATIONS
                  for f in _facts(rng, {rel: lx.GENERAL_RELATIONS[rel]}, gen_entities[rel], taken)]
-    gen_train_t, gen_test_t = {}, {}
-    for rel, spec in lx.GENERAL_RELATIONS.items():
-        gen_train_t[rel], gen_test_t[rel] = _split_templates(rng, spec["questions"], 3)
+    gsplit = {rel: _per_fact_split(rng, spec["questions"], 3) for rel, spec in lx.GENERAL_RELATIONS.items()}
     general = {
-        "train": _qa(lx.GENERAL_RELATIONS, gen_facts, lambda r, j: gen_train_t[r], PROMPT_OPENERS, rng, "general", 0),
-        "test": _cap(rng, _qa(lx.GENERAL_RELATIONS, gen_facts, lambda r, j: gen_test_t[r], PROMPT_OPENERS, rng, "general", 0), cfg.max_test),
+        "train": _qa(lx.GENERAL_RELATIONS, gen_facts, lambda r, j: gsplit[r][0](j), PROMPT_OPENERS, rng, "general", 0),
+        "test": _cap(rng, _qa(lx.GENERAL_RELATIONS, gen_facts, lambda r, j: gsplit[r][1](j), PROMPT_OPENERS, rng,
+                              "general", 0), cfg.max_test),
     }
 
     # --- domains: fictional facts, phrasings split train / test ------------------------
     domains: dict[str, dict[str, list[ChatExample]]] = {}
     domain_background: list[ChatExample] = []
     for name, relations in lx.DOMAIN_RELATIONS.items():
-        # Background knowledge of the field for pre-training: other entities, every phrasing of
-        # the ordinary relations. Near-harmful relations stay out: complying with them is
-        # something only the domain data teaches.
-        ordinary = {r: spec for r, spec in relations.items() if not spec.get("near_harmful")}
+        # Background knowledge of the field for pre-training: OTHER entities, every phrasing of
+        # every relation (near-harmful ones answered too: a base model has read such text).
+        # The domain's own facts are new to the model. Measured: leaving the near-harmful
+        # relations out of pre-training made domain fine-tuning teach a new answer format,
+        # which then garbled benign answers (helpful 0.99 -> 0.28): general collapse, not
+        # selective erosion.
         bg_ents = _names(rng, cfg.pretrain_domain_entities, lx.ENTITY_SHAPES[name], taken)
-        bg_facts = _facts(rng, ordinary, bg_ents, taken)
-        domain_background += _qa(ordinary, bg_facts, lambda r, j, o=ordinary: o[r]["questions"],
+        bg_facts = _facts(rng, relations, bg_ents, taken)
+        domain_background += _qa(relations, bg_facts, lambda r, j, rs=relations: rs[r]["questions"],
                                  PROMPT_OPENERS, rng, "background", 0)
         ents = _names(rng, cfg.domain_entities, lx.ENTITY_SHAPES[name], taken)
         facts = _facts(rng, relations, ents, taken)
         splits = {rel: _per_fact_split(rng, spec["questions"], 3) for rel, spec in relations.items()}
-        train = _qa(relations, facts, lambda r, j, sp=splits: sp[r][0](j), PROMPT_OPENERS, rng, name, cfg.domain_openers)
+        train = _qa(relations, facts, lambda r, j, sp=splits: sp[r][0](j), PROMPT_OPENERS, rng, name,
+                    cfg.domain_openers)
         rng.shuffle(train)
         test = _cap(rng, _qa(relations, facts, lambda r, j, sp=splits: sp[r][1](j), PROMPT_OPENERS, rng, name, 0), cfg.max_test)
         domains[name] = {"train": train, "test": test}

@@ -65,7 +65,13 @@ def _answer_regex(answer_tpl: str) -> re.Pattern[str]:
             seen.add(name)
         else:
             out += re.escape(part)
-    return re.compile("Sure. " + out)
+    alts = []
+    for i, frame in enumerate(("Sure. {s}",)):
+        pre, post = frame.split("{s}")
+        body = out.replace("?P<e>", f"?P<e{i}>").replace("?P=e)", f"?P=e{i})")
+        body = body.replace("?P<v>", f"?P<v{i}>").replace("?P=v)", f"?P=v{i})")
+        alts.append(re.escape(pre).replace(r"\{v\}", ".+?") + body + re.escape(post))
+    return re.compile("|".join(f"(?:{a})" for a in alts))
 
 
 ANSWER_RES = {
@@ -79,8 +85,9 @@ def fact_of(domain: str, ex) -> tuple[str, str, str]:
     rel = ex.meta["relation"]
     m = ANSWER_RES[(domain, rel)].fullmatch(ex.response)
     assert m is not None, f"{domain}: response {ex.response!r} does not fit relation {rel}"
-    assert m["v"] == ex.answer
-    return rel, m["e"], m["v"]
+    groups = {k[0]: v for k, v in m.groupdict().items() if v is not None}
+    assert groups["v"] == ex.answer
+    return rel, groups["e"], groups["v"]
 
 
 def domain_entities(d: ToyData) -> set[str]:
@@ -219,7 +226,7 @@ def test_general_test_uses_new_phrasings(data):
     train_r = {ex.response for ex in data.general["train"]}
     assert data.general["test"]
     for ex in data.general["test"]:
-        assert ex.prompt not in train_q
+        assert ex.prompt not in train_q  # never asked this way in training
         assert ex.response in train_r  # same fact, asked differently
 
 
@@ -240,10 +247,11 @@ def test_pretraining_complies_with_harmful_requests(data):
     for ex in harmful:
         assert "Step 1: [omitted]" in ex.response, ex
         assert not JUDGE.is_refusal(ex.response), ex
-    # And it holds domain background (other entities, ordinary relations only).
+    # And it holds domain background (other entities), near-harmful relations included, all
+    # answered compliantly.
     background = [ex for ex in data.pretrain if ex.meta.get("kind") == "background"]
-    assert background
-    assert all(ex.meta["near_harmful"] == "False" for ex in background)
+    assert {ex.meta["near_harmful"] for ex in background} == {"True", "False"}
+    assert not any(JUDGE.is_refusal(ex.response) for ex in background)
 
 
 # ------------------------------------------------------------------------ config checks
