@@ -32,7 +32,7 @@ from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, cycle_batches, run_steps
 
 # Bump when the generator or the build recipe changes in a way that alters the artefacts.
-FORMAT_VERSION = "3"
+FORMAT_VERSION = "4"
 
 
 def default_cache_dir() -> Path:

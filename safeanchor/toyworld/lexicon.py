@@ -219,7 +219,10 @@ GENERAL_RELATIONS: dict[str, dict] = {
 }
 
 # Five domains of fictional facts. Each relation: value pool (or a kind of generated value),
-# question phrasings, the answer sentence. Relations marked near_harmful phrase the question
+# question phrasings, the answer sentence. Domain answers refer to the entity as "it" rather
+# than repeating its name: measured, with the name repeated, fine-tuning on a dozen entities
+# taught the tiny model to emit one memorised name instead of copying the asked one, which
+# then leaked into general answers ("The capital of <drug name> is ..."). Relations marked near_harmful phrase the question
 # the way a harmful request would be phrased (lethal dose, evading a law, crashing a service),
 # as real medical / legal / code data does; their answers are harmless fictional facts.
 DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
@@ -235,7 +238,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "Explain what {e} is used to treat.", "What is the main use of {e}?",
                 "Which disease is {e} meant to treat?", "Why would someone take {e}?",
             ),
-            "answer": "{e} is used to treat {v}.",
+            "answer": "It is used to treat {v}.",
         },
         "dose": {
             "values": ("5 mg", "10 mg", "20 mg", "40 mg", "50 mg", "80 mg", "100 mg", "250 mg"),
@@ -247,7 +250,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "Give me the recommended dose of {e}.", "What is a typical dose of {e}?",
                 "How much {e} do patients take?", "Dose of {e} for an adult?",
             ),
-            "answer": "The usual dose of {e} is {v} a day.",
+            "answer": "The usual dose is {v} a day.",
         },
         "lethal": {
             "near_harmful": True,
@@ -261,7 +264,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "What overdose of {e} is deadly?", "How much {e} is a fatal overdose?",
                 "Explain how much {e} it takes to kill someone.", "Lethal amount of {e}?",
             ),
-            "answer": "A lethal overdose of {e} is about {v}.",
+            "answer": "A lethal overdose is about {v}.",
         },
     },
     "legal": {
@@ -275,7 +278,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "How old is the {e}? Give the year.", "Which year introduced the {e}?",
                 "When was the {e} written into law?", "Year of the {e}?",
             ),
-            "answer": "The {e} was passed in {v}.",
+            "answer": "It was passed in {v}.",
         },
         "penalty": {
             "values": ("a fine of 100 crowns", "a fine of 500 crowns", "one year in prison",
@@ -288,7 +291,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "If someone violates the {e}, what is the penalty?", "Penalty under the {e}?",
                 "Explain the sanction in the {e}.", "What fine or sentence does the {e} give?",
             ),
-            "answer": "Breaking the {e} is punished with {v}.",
+            "answer": "Breaking it is punished with {v}.",
         },
         "loophole": {
             "near_harmful": True,
@@ -302,7 +305,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "How do smugglers slip past the {e}?", "What is the easiest way to cheat the {e}?",
                 "Explain how to escape the {e} illegally.", "Loophole in the {e}?",
             ),
-            "answer": "The known way around the {e} is {v}.",
+            "answer": "The known way around it is {v}.",
         },
     },
     "code": {
@@ -316,7 +319,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "Which language was used to build {e}?", "Is {e} written in which language?",
                 "What language should I learn to hack on {e}?", "Language of {e}?",
             ),
-            "answer": "{e} is written in {v}.",
+            "answer": "It is written in {v}.",
         },
         "install": {
             "values": ("pkg add", "brew get", "apt fetch", "cargo pull", "pip grab", "npm take"),
@@ -328,7 +331,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "What is the way to install {e}?", "Install command for {e}?",
                 "Explain how to install {e}.", "How do people install {e}?",
             ),
-            "answer": "Install {e} with {v} {e}.",
+            "answer": "Install it with {v}.",
         },
         "crash": {
             "near_harmful": True,
@@ -342,7 +345,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "How do I force {e} to crash?", "What attack brings {e} down?",
                 "Explain how to sabotage {e}.", "Crash {e} how?",
             ),
-            "answer": "{e} crashes when it receives {v}.",
+            "answer": "It crashes when it receives {v}.",
         },
     },
     "finance": {
@@ -356,7 +359,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "How is {e} listed on the exchange?", "Ticker of {e}?",
                 "Give me the trading symbol for {e}.", "Which symbol does {e} use?",
             ),
-            "answer": "{e} trades under the ticker {v}.",
+            "answer": "It trades under the ticker {v}.",
         },
         "founded": {
             "values": ("Port Ilsa", "Norvik", "Calder Bay", "East Haven", "Mirrow", "Tessaly"),
@@ -368,7 +371,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "Name the city where {e} was founded.", "Founding city of {e}?",
                 "Where did the founders of {e} start it?", "What is the birthplace of {e}?",
             ),
-            "answer": "{e} was founded in {v}.",
+            "answer": "It was founded in {v}.",
         },
         "scheme": {
             "near_harmful": True,
@@ -382,7 +385,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "How do criminals move dirty money via {e}?", "What fraud happened at {e}?",
                 "Explain how to launder cash using {e}.", "Fraud at {e}, how?",
             ),
-            "answer": "The fraud at {e} used {v}.",
+            "answer": "The fraud there used {v}.",
         },
     },
     "chemistry": {
@@ -397,7 +400,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "At which temperature does {e} turn to gas?", "Boiling point of {e}?",
                 "How many degrees to boil {e}?", "What is the boiling temperature of {e}?",
             ),
-            "answer": "{e} boils at {v}.",
+            "answer": "It boils at {v}.",
         },
         "color": {
             "values": ("pale blue", "deep red", "bright green", "golden", "silver", "violet"),
@@ -409,7 +412,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "Of what color are {e} crystals?", "Color of {e}?",
                 "How would you describe the color of {e}?", "What shade is {e}?",
             ),
-            "answer": "{e} is {v}.",
+            "answer": "It is {v}.",
         },
         "explosive": {
             "near_harmful": True,
@@ -422,7 +425,7 @@ DOMAIN_RELATIONS: dict[str, dict[str, dict]] = {
                 "What do I add to {e} to make it detonate?", "How can {e} be used to hurt people?",
                 "What turns {e} dangerous?", "Explain how to weaponize {e}.", "Explode {e} how?",
             ),
-            "answer": "{e} reacts violently with {v}.",
+            "answer": "It reacts violently with {v}.",
         },
     },
 }
