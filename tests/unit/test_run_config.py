@@ -124,9 +124,11 @@ def test_later_override_wins_and_top_level_values_apply():
 def test_resolved_run_id():
     cfg = load_run_config(TINY)
     assert cfg.run_id is None
-    assert cfg.resolved_run_id() == "lora-seed0-medical-legal-code"
+    assert cfg.resolved_run_id() == "safeanchor-seed0-medical-legal-code"  # toy preset's method
+    cfg = load_run_config(TINY, method="lora", seed=2, **{"data.order": ["code", "legal"]})
+    assert cfg.resolved_run_id() == "lora-seed2-code-legal"
     cfg = load_run_config(TINY, ["seed=3", "data.order=[code, medical]"])
-    assert cfg.resolved_run_id() == "lora-seed3-code-medical"
+    assert cfg.resolved_run_id() == "safeanchor-seed3-code-medical"
     cfg = load_run_config(TINY, run_id="my-run_1.a")
     assert cfg.resolved_run_id() == "my-run_1.a"
 
