@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from safeanchor.config import ConfigError
     from safeanchor.methods import build_method
     from safeanchor.pipeline.config import load_run_config
-    from safeanchor.pipeline.sequential import prepare_run, train_on
+    from safeanchor.pipeline.sequential import prepare_run
 
     try:
         cfg = load_run_config(args.config, args.overrides, method="safeanchor", run_id="benchmark")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     proj.before_domain(ctx)
 
     from safeanchor.data import ExampleBatches, encode_dataset
-    from safeanchor.train.loop import cycle_batches, run_steps
+    from safeanchor.train.loop import cycle_batches, run_steps, train_examples
 
     feats = encode_dataset(run.tokenizer, ctx.domain_train, cfg.train.max_length)
     batcher = ExampleBatches(feats, cfg.train.batch_size, cfg.seed, run.tokenizer.pad_token_id)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # One domain's training wall time (the pipeline's own call), for the SSI share.
     t0 = time.perf_counter()
-    train_on(model, run.tokenizer, ctx.domain_train, cfg.train, cfg.seed, full, "domain", None)
+    train_examples(model, run.tokenizer, ctx.domain_train, cfg.train, cfg.seed, full, "domain", None)
     domain_s = time.perf_counter() - t0
     out = {
         "lora_step_s": med["lora"],

@@ -14,6 +14,7 @@ Per domain t:
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -206,8 +207,6 @@ class SafeAnchor(Method):
                                     for s in range(0, len(order), self.cfg.safety_batch)]
 
     def before_domain(self, ctx: Context) -> None:
-        import time
-
         t0 = time.perf_counter()
         fresh = self.identify(ctx)
         if self.cfg.incremental and self.subspaces:
@@ -232,7 +231,7 @@ class SafeAnchor(Method):
         ctx.log(f"  [ssi] {ssi_s:.1f}s: k mean {rec['k_mean']:.1f} max {rec['k_max']}, "
                 f"{len(empty)} tensors with k=0 (zero gradient, e.g. lora_A at B=0); "
                 f"α min {rec['alpha_min']:.3f} mean {rec['alpha_mean']:.3f}")
-        if ctx.run_cfg is not None and getattr(ctx, "run_dir", None):
+        if ctx.run_dir:
             self.save_subspaces(Path(ctx.run_dir) / "subspaces" / f"step{ctx.step}-{ctx.domain}.safetensors")
         if self.cfg.anchor and self.cfg.gamma > 0:
             self._anchor_ref = cached_reference(ctx.model, self._anchor_batches)

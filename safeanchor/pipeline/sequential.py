@@ -20,14 +20,14 @@ from typing import Any
 import torch
 
 from safeanchor.config import ConfigError, save_config, to_dict
-from safeanchor.data import ChatExample, ExampleBatches, encode_dataset, load_examples
+from safeanchor.data import ChatExample, load_examples
 from safeanchor.evaluation import EvalSuite, evaluate, load_extra_files, probe_safety
 from safeanchor.judges import build_judge
 from safeanchor.methods import Context, build_method
 from safeanchor.models import add_lora, load_model, load_tokenizer, resolve
 from safeanchor.pipeline.config import RunConfig
 from safeanchor.tracking import make_tracker, numeric_scalars
-from safeanchor.train.loop import TrainConfig, cycle_batches, run_steps
+from safeanchor.train.loop import train_examples
 
 CORE_METRICS = ("safety", "over_refusal", "helpful", "general")
 
@@ -67,14 +67,6 @@ def write_json(path: Path, obj: Any) -> None:
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if not math.isnan(x)]
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def train_on(model, tokenizer, examples: list[ChatExample], tcfg: TrainConfig, seed: int, hooks, tag: str, log) -> dict:
-    """Encode, batch (deterministic order from `seed`) and run the loop; returns loop stats."""
-    feats = encode_dataset(tokenizer, examples, tcfg.max_length)
-    batcher = ExampleBatches(feats, tcfg.batch_size, seed, tokenizer.pad_token_id)
-    steps = tcfg.num_steps(len(batcher))
-    return run_steps(model, cycle_batches(batcher.epoch), steps, tcfg, hooks=hooks, log=log, tag=tag)
 
 
 def summarize(cfg: RunConfig, history: list[dict[str, float]], extras: list[str]) -> dict[str, Any]:
@@ -176,7 +168,7 @@ def prepare_run(cfg: RunConfig, log=print) -> PreparedRun:
         model=model, tokenizer=tokenizer, run_cfg=cfg, safety_calib=calib, safety_probe=probe,
         base_model_ref=base_ref, log=log, run_dir=str(run_dir),
     )
-    ctx.train = lambda examples, tcfg, hooks, tag, seed=cfg.seed: train_on(
+    ctx.train = lambda examples, tcfg, hooks, tag, seed=cfg.seed: train_examples(
         model, tokenizer, examples, tcfg, seed, hooks, tag, log)
     ctx.probe_safety = lambda: probe_safety(model, tokenizer, probe, judge, cfg.eval)
     return PreparedRun(cfg, run_dir, tokenizer, suite, judge, method, ctx, domain_train,
@@ -230,7 +222,7 @@ def _run_steps(cfg: RunConfig, run: PreparedRun, model, tokenizer, method, ctx, 
                 log(f"[domain {t}/{len(cfg.data.order)}] {d}: {len(ctx.domain_train)} examples, method {cfg.method}")
                 method.before_domain(ctx)
                 examples = method.training_examples(ctx, ctx.domain_train)
-                stats = train_on(model, tokenizer, examples, cfg.train, cfg.seed * 1000 + t, method, d, log)
+                stats = train_examples(model, tokenizer, examples, cfg.train, cfg.seed * 1000 + t, method, d, log)
                 info = method.after_domain(ctx)
                 adapter_dir = run.run_dir / "adapters" / f"step{t}-{d}"
                 model.save_pretrained(adapter_dir)

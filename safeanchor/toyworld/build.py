@@ -26,10 +26,9 @@ from typing import Any
 import torch
 
 from safeanchor.config import check, to_dict
-from safeanchor.data import ExampleBatches, encode_dataset
 from safeanchor.toyworld.generator import ToyData, ToyDataConfig, generate
 from safeanchor.toyworld.tokenizer import build_tokenizer
-from safeanchor.train.loop import TrainConfig, cycle_batches, run_steps
+from safeanchor.train.loop import TrainConfig, train_examples
 
 # Bump when the generator or the build recipe changes in a way that alters the artefacts.
 FORMAT_VERSION = "4"
@@ -147,13 +146,6 @@ def _new_model(cfg: ToyModelConfig, tokenizer, seed: int):
     return LlamaForCausalLM(lc)
 
 
-def _train(model, tokenizer, examples, tcfg: TrainConfig, seed: int, tag: str, log) -> dict:
-    feats = encode_dataset(tokenizer, examples, tcfg.max_length)
-    batcher = ExampleBatches(feats, tcfg.batch_size, seed, tokenizer.pad_token_id)
-    steps = tcfg.num_steps(len(batcher))
-    return run_steps(model, cycle_batches(batcher.epoch), steps, tcfg, log=log, tag=tag)
-
-
 def alignment_mixture(data: ToyData, benign_fraction: float, seed: int) -> list:
     """Harmful (align phrasings) -> refusal, mixed with benign + general answers."""
     rng = random.Random(seed)
@@ -183,12 +175,12 @@ def build(cfg: ToyWorldConfig, log=print, force: bool = False) -> ToyWorld:
         model = _new_model(cfg.model, tok, cfg.seed)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"[toyworld] pre-training a {n_params / 1e6:.2f} M-parameter Llama on {len(data.pretrain)} examples")
-        pre = _train(model, tok, data.pretrain, cfg.pretrain, cfg.seed, "pretrain", log)
+        pre = train_examples(model, tok, data.pretrain, cfg.pretrain, cfg.seed, tag="pretrain", log=log)
         model.save_pretrained(tmp / "pretrained", safe_serialization=True)
         tok.save_pretrained(tmp / "pretrained")  # a checkpoint ships its tokenizer
         mix = alignment_mixture(data, cfg.align_benign_fraction, cfg.seed)
         log(f"[toyworld] aligning on {len(mix)} examples")
-        ali = _train(model, tok, mix, cfg.align, cfg.seed + 1, "align", log)
+        ali = train_examples(model, tok, mix, cfg.align, cfg.seed + 1, tag="align", log=log)
         model.save_pretrained(tmp / "aligned", safe_serialization=True)
         tok.save_pretrained(tmp / "aligned")
         report = {

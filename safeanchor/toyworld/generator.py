@@ -87,12 +87,6 @@ def _cap(rng: random.Random, items: list[ChatExample], k: int) -> list[ChatExamp
     return items if len(items) <= k else rng.sample(items, k)
 
 
-def _split_templates(rng: random.Random, templates: tuple[str, ...], n_test: int) -> tuple[list[str], list[str]]:
-    order = list(templates)
-    rng.shuffle(order)
-    return order[n_test:], order[:n_test]
-
-
 def _facts(rng: random.Random, relations: dict[str, dict], entities: list[str], taken: set[str]):
     """(relation, entity, value) for every entity and relation; values drawn by the seed."""
     facts = []

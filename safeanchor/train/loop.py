@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from safeanchor.config import check
+from safeanchor.data import ExampleBatches, encode_dataset
 
 
 @dataclass
@@ -144,3 +145,20 @@ def run_steps(
         "wall_s": wall,
         "step_s": wall / steps,
     }
+
+
+def train_examples(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: list,
+    cfg: TrainConfig,
+    seed: int,
+    hooks: StepHooks | None = None,
+    tag: str = "train",
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Encode chat examples, batch them in a deterministic order from `seed`, and train."""
+    feats = encode_dataset(tokenizer, examples, cfg.max_length)
+    batcher = ExampleBatches(feats, cfg.batch_size, seed, tokenizer.pad_token_id)
+    steps = cfg.num_steps(len(batcher))
+    return run_steps(model, cycle_batches(batcher.epoch), steps, cfg, hooks=hooks, log=log, tag=tag)

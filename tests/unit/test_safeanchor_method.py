@@ -123,10 +123,6 @@ def test_replay_step_is_projected(tok):
     assert changed
 
 
-class _FakeCtx(Context):
-    pass
-
-
 @pytest.mark.parametrize("s_t, triggered", [(0.76, False), (0.7599, True), (0.9, False), (0.1, True)])
 def test_gate_fires_exactly_below_threshold(tok, s_t, triggered):
     ctx, _ = make_ctx(tok)
