@@ -15,6 +15,15 @@ TINY = str(ROOT / "workflows" / "configs" / "tiny.yaml")
 ORDER = ["medical", "legal"]
 
 
+def _preset_lr() -> float:
+    from safeanchor.pipeline.config import load_run_config
+
+    return load_run_config(TINY).train.lr
+
+
+TRAIN_LR = _preset_lr()
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("toycache")
@@ -63,7 +72,7 @@ def test_parent_run_params_tags_and_metric_history(tracked):
     assert parent.info.artifact_uri.startswith((tracked["storage"].resolve() / "mlartifacts").as_uri())
     params = parent.data.params
     assert params["method"] == "safeanchor"
-    assert float(params["train.lr"]) == pytest.approx(1e-3)
+    assert float(params["train.lr"]) == pytest.approx(TRAIN_LR)
     assert params["methods.safeanchor.replay_steps"] == "2"
     assert json.loads(params["data.order"]) == ORDER
     assert "tracking.enabled" in params
@@ -113,7 +122,7 @@ def test_disabled_tracking_writes_no_store(tmp_path, cache, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     storage = tmp_path / "runs"
     argv = ["--config", TINY, "--storage", str(storage), "--set", f"toyworld.cache_dir={cache}",
-            "--order", "code", "--set", "tracking.enabled=false"]
+            "--order", "code", "--method", "lora", "--set", "tracking.enabled=false"]
     assert sequential.main(argv) == 0
     s = json.loads((storage / "lora-seed0-code" / "summary.json").read_text())
     assert s["mlflow_run_id"] is None and s["mlflow_tracking_uri"] is None
@@ -132,7 +141,7 @@ def test_failed_pipeline_ends_runs_failed(tmp_path, cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'env.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the environment overrides the default
-    monkeypatch.setattr(pipeline, "train_on", boom)
+    monkeypatch.setattr(pipeline, "train_examples", boom)
     argv = ["--config", TINY, "--storage", str(tmp_path / "runs"), "--set",
             f"toyworld.cache_dir={cache}", "--order", "code"]
     with pytest.raises(RuntimeError, match="exploded"):
