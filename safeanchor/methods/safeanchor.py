@@ -48,7 +48,7 @@ class SafeAnchorConfig:
     trace_norm: str = field(default="max", metadata={"doc": "t̃_i = trace_i / max_j trace_j ('max') or trace_i / Σ_j trace_j ('share')"})
     strict: bool = field(default=False, metadata={"doc": "ablation: α = 0 everywhere (full projection)"})
     adaptive: bool = field(default=True, metadata={"doc": "ablation off: the same α = alpha_fixed for every tensor"})
-    alpha_fixed: float = field(default=0.0, metadata={"doc": "α used when adaptive is off"})
+    alpha_fixed: float = field(default=0.5, metadata={"doc": "α used for every tensor when adaptive is off (0.5: the middle of the adaptive range [1 − lam, 1] at lam = 0.5; 0 would equal strict)"})
     incremental: bool = field(default=True, metadata={"doc": "ablation off: recompute the subspace each domain without merging the previous one"})
     anchor: bool = field(default=True, metadata={"doc": "ablation off: no anchor loss"})
     gamma: float = field(default=0.1, metadata={"doc": "anchor loss weight γ (paper 0.1)"})
