@@ -1,7 +1,17 @@
-"""Continual-adaptation methods behind one interface; importing this package registers them."""
+"""Continual-adaptation methods behind one interface.
 
-from safeanchor.methods import lora, safeanchor  # noqa: F401  (registration)
+Importing this package imports every module in it, so each module's `@register_method`
+runs: a new method is one new file here, nothing else to edit.
+"""
+
+import importlib
+import pkgutil
+
 from safeanchor.methods.base import METHODS, Context, Method, register_method
+
+for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _m.name != "base" and not _m.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["METHODS", "Context", "Method", "register_method", "build_method"]
 

@@ -2,7 +2,7 @@
 
 The pipeline calls, for a run over domains d_1..d_T:
 
-    method.setup(ctx)                                   once, before the first domain
+    method.setup(ctx)                                   once, before the step-0 evaluation
     for each domain:
         method.before_domain(ctx)                       e.g. compute a safety subspace
         data = method.training_examples(ctx, data)      e.g. mix safety examples in

@@ -210,12 +210,14 @@ def _run_steps(cfg: RunConfig, run: PreparedRun, model, tokenizer, method, ctx, 
             f" ({time.perf_counter() - t0:.0f}s)")
         return m
 
+    # setup() runs before the step-0 evaluation: a method that changes the model before any
+    # domain (Vaccine's re-alignment) is measured from the model it actually starts from.
+    method.setup(ctx)
     history = [eval_step(0, "before any domain")]
     tracker.log_metrics(history[0], step=0)
     steps_info: list[dict[str, Any]] = []
     with open(run.run_dir / "metrics.jsonl", "w") as mf:
         mf.write(json.dumps({"step": 0, **history[0]}) + "\n")
-        method.setup(ctx)
         for t, d in enumerate(cfg.data.order, start=1):
             with tracker.domain(t, d):
                 ctx.domain, ctx.step, ctx.domain_train = d, t, run.domain_train[d]
