@@ -1,16 +1,38 @@
 """The one small interface every continual-adaptation method satisfies, and the registry.
 
-The pipeline calls, for a run over domains d_1..d_T:
+The pipeline runs, for domains d_1..d_T, a sequence of durable steps (each may run in another
+process, e.g. a Ray Train worker, so a method keeps NOTHING between hooks that
+`state_dict()` does not carry):
 
-    method.setup(ctx)                                   once, before the step-0 evaluation
-    for each domain:
-        method.before_domain(ctx)                       e.g. compute a safety subspace
-        data = method.training_examples(ctx, data)      e.g. mix safety examples in
-        per step:  loss = method.loss(model, batch, task_loss)
-                   backward
-                   method.after_backward(model, batch)  gradient transformation
-        method.after_domain(ctx) -> dict                e.g. monitor + replay, project weights
-    method.state_dict() / load_state_dict()            what a resume needs
+    method.setup(ctx)                         once, before the step-0 evaluation (may train: Vaccine)
+    for each domain d_t:
+        method.before_domain(ctx)             analysis before training (SSI, a Fisher, new adapter)
+        data = method.training_examples(ctx, data)
+        train phase "domain"                  (see below)
+        loop r = 0, 1, ...:
+            gate = method.gate(ctx, r)        a decision (CSM): stop, or train one more phase
+            if gate.phase is None: break
+            train phase gate.phase            (e.g. "replay")
+        info = method.after_domain(ctx)       e.g. Safe LoRA's projection, EWC's Fisher
+        evaluation
+    method.state_dict() / load_state_dict()   everything a fresh process needs to continue
+
+A train phase, in whatever process runs it (the driver, or every Ray Train worker):
+
+    method.load_state_dict(state); method.attach(ctx)   (in a fresh process)
+    hooks = method.phase_hooks(ctx, phase_name)         per-process caches (projection groups,
+                                                        anchor references) are built here
+    per step:  loss  = hooks.loss(model, batch, task_loss)        its gradient goes through
+                                                                  hooks.transform_grad
+               extra = hooks.unprojected_loss(model, batch)       its gradient does NOT
+               g_i  <- hooks.transform_grad(name_i, g_i) + ∇extra_i   per LoRA tensor, on the
+                       LOCAL gradient before any data-parallel reduction (so it must be LINEAR
+                       in g_i: a projection is; it is then exact under DDP / ZeRO-1/2)
+               hooks.after_backward(model, batch)  a GLOBAL transformation of the full, reduced
+                       gradient (p.grad of every trainable tensor); engines that shard
+                       gradients (ZeRO >= 1) refuse methods with `needs_full_grad = True`
+               clip ; optimizer step
+    after the phase: method.phase_state(hooks) is merged back (counters, statistics)
 
 The pipeline and the training loop never ask which method runs. A method that needs a new
 hook adds it here, for every method.
@@ -28,33 +50,62 @@ from safeanchor.data import ChatExample
 
 
 @dataclass
+class TrainPhase:
+    """One training phase: what a gate or setup() asks the pipeline to train.
+
+    `hooks` names the phase for `Method.phase_hooks` ("domain", "replay", "vaccine", ...).
+    `cfg` is a `safeanchor.train.loop.TrainConfig`.
+    """
+
+    examples: list[ChatExample]
+    cfg: Any
+    seed: int
+    tag: str
+    hooks: str = "domain"
+
+
+@dataclass
+class Gate:
+    """A gate's decision after a domain's training: `phase` None means go on to evaluation."""
+
+    record: dict[str, Any] = field(default_factory=dict)  # recorded in summary.json / the step dir
+    phase: TrainPhase | None = None
+
+
+@dataclass
 class Context:
     """What a method may use: the live model, data, and the pipeline's services."""
 
-    model: Any  # peft model with the persistent adapter
+    model: Any  # peft model with the persistent adapter ("default")
     tokenizer: Any
     run_cfg: Any  # the resolved RunConfig
     domain: str = ""
-    step: int = 0  # 1-based index of the current domain
+    step: int = 0  # 1-based index of the current domain (0 during setup)
     safety_calib: list[ChatExample] = field(default_factory=list)  # safe responses (SSI, anchor, replay)
     safety_probe: list[ChatExample] = field(default_factory=list)  # monitoring prompts (CSM)
     domain_train: list[ChatExample] = field(default_factory=list)
+    previous_domain_train: list[ChatExample] = field(default_factory=list)  # d_{t-1}'s data (EWC)
     base_model_ref: str | None = None  # unaligned base (Safe LoRA)
     run_dir: str | None = None  # where a method may persist artefacts (subspaces, ...)
     # services the pipeline provides
-    train: Callable[..., dict] | None = None  # train(examples, train_cfg, hooks, tag) -> stats
+    train: Callable[[TrainPhase], dict] | None = None  # train(phase) -> stats (runs phase_hooks)
     probe_safety: Callable[[], float] | None = None  # refusal rate on the probe set, now
     log: Callable[[str], None] = print
     state: dict[str, Any] = field(default_factory=dict)  # pipeline-level facts (e.g. s_0)
 
 
 class Method:
-    """No-op defaults: plain sequential LoRA is a Method with nothing overridden."""
+    """No-op defaults: plain sequential LoRA is a Method with nothing overridden.
+
+    A Method is also the StepHooks of its "domain" phase unless `phase_hooks` says otherwise.
+    """
 
     name = "base"
+    needs_full_grad = False  # True if after_backward needs the full reduced gradient
 
+    # ---- run and domain level (driver) ---------------------------------------------------
     def setup(self, ctx: Context) -> None:
-        """Once, before the first domain (e.g. Vaccine's re-alignment)."""
+        """Once, before the step-0 evaluation (e.g. Vaccine's re-alignment via ctx.train)."""
 
     def before_domain(self, ctx: Context) -> None:
         """Before training on ctx.domain."""
@@ -63,22 +114,56 @@ class Method:
         """The examples the domain is trained on (default: the domain's own)."""
         return examples
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor:
-        """Total loss to backpropagate (default: the task loss)."""
-        return task_loss
-
-    def after_backward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
-        """Transform gradients between backward and the optimizer step."""
+    def gate(self, ctx: Context, round: int) -> Gate:
+        """After the domain's training (round 0) and after each gated phase (round r)."""
+        return Gate()
 
     def after_domain(self, ctx: Context) -> dict[str, Any]:
-        """After training on ctx.domain; returns facts for summary.json / tracking."""
+        """After training and gates on ctx.domain; returns facts for summary.json / tracking."""
         return {}
 
+    # ---- in the process that trains ------------------------------------------------------
+    def attach(self, ctx: Context) -> None:
+        """Re-apply model changes the method owns (e.g. O-LoRA's frozen adapters) after a fresh
+        process loaded the model and called load_state_dict. Idempotent."""
+
+    def phase_hooks(self, ctx: Context, phase: str) -> Any:
+        """The StepHooks of a named phase; build per-process caches here. Default: self."""
+        if phase != "domain":
+            raise ValueError(f"method {self.name!r} has no training phase {phase!r}")
+        return self
+
+    def phase_state(self, hooks: Any) -> dict[str, Any]:
+        """State changed by a phase's hooks, merged back with load_state_dict (default none)."""
+        return {}
+
+    # ---- StepHooks (the "domain" phase) ---------------------------------------------------
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor:
+        """Total loss whose gradient passes through transform_grad (default: the task loss)."""
+        return task_loss
+
+    def unprojected_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A loss whose gradient is added AFTER transform_grad (SafeAnchor's anchor). None: none."""
+        return None
+
+    def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
+        """Linear per-tensor map of a trainable tensor's local gradient (None: unchanged)."""
+        return None
+
+    def after_backward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+        """Global transformation of the full gradient (set needs_full_grad = True)."""
+
+    # ---- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """JSON-able values and torch tensors (nested dicts/lists allowed)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able facts for summary.json['method_state'] (default: none)."""
+        return {}
 
 
 @dataclass

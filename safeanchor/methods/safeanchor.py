@@ -25,13 +25,13 @@ from safeanchor.config import check
 from safeanchor.data import collate, encode_dataset
 from safeanchor.methods.base import Context, Method, register_method
 from safeanchor.models import lora_parameters
-from safeanchor.subspace.anchor import anchor_kl, cached_reference, response_nll
+from safeanchor.subspace.anchor import anchor_kl, cached_reference
 from safeanchor.subspace.fisher import (
     Subspace,
     fisher_subspace,
     merge_subspaces,
-    per_example_grads,
     project_batched,
+    safety_gradients,
 )
 
 
@@ -139,30 +139,8 @@ class SafeAnchor(Method):
 
     def identify(self, ctx: Context) -> dict[str, Subspace]:
         """Fresh per-tensor subspaces at the current model (no merge)."""
-        from torch.func import functional_call
-
-        model = ctx.model
-        params = lora_parameters(model)
         batch = self._calib_batch(ctx)
-        was_training = model.training
-        model.eval()
-
-        def loss_fn(p, ex):
-            # Right padding + causal attention: real tokens never attend to pads, so no mask
-            # is needed (and sdpa with a mask breaks vmap). Pads carry label -100.
-            logits = functional_call(model, p, args=(), kwargs={"input_ids": ex["input_ids"]}).logits
-            return response_nll(logits, ex["labels"])
-
-        # Eager attention under vmap: sdpa has no batching rule on CPU (slow per-example fallback).
-        hf_cfg = model.get_base_model().config
-        prev_attn = hf_cfg._attn_implementation
-        hf_cfg._attn_implementation = "eager"
-        try:
-            G = per_example_grads(loss_fn, params, {"input_ids": batch["input_ids"], "labels": batch["labels"]},
-                                  chunk=self.cfg.grad_chunk)
-        finally:
-            hf_cfg._attn_implementation = prev_attn
-            model.train(was_training)
+        G = safety_gradients(ctx.model, batch, chunk=self.cfg.grad_chunk)
         n = batch["input_ids"].shape[0]
         return {name: fisher_subspace(g.reshape(n, -1), self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed)
                 for name, g in G.items()}

@@ -103,3 +103,36 @@ def project_batched(G: torch.Tensor, V: torch.Tensor, alpha: torch.Tensor) -> to
     """Same-shape tensors in one bmm: G (B, n), V (B, n, k) (zero-padded columns allowed), α (B,)."""
     coeff = torch.bmm(V.transpose(1, 2), G.unsqueeze(2))  # (B, k, 1)
     return G - (1.0 - alpha).view(-1, 1) * torch.bmm(V, coeff).squeeze(2)
+
+
+def safety_gradients(model, batch: dict[str, torch.Tensor], chunk: int = 16) -> dict[str, torch.Tensor]:
+    """Per-example gradients of the response NLL over the model's LoRA tensors.
+
+    `batch` is a right-padded collated batch (input_ids, labels with -100 on prompt and pad).
+    Returns name -> (N, *shape). The model is put in eval mode (no dropout) and back.
+    """
+    from torch.func import functional_call
+
+    from safeanchor.models import lora_parameters
+    from safeanchor.subspace.anchor import response_nll
+
+    params = lora_parameters(model)
+    was_training = model.training
+    model.eval()
+
+    def loss_fn(p, ex):
+        # Right padding + causal attention: real tokens never attend to pads, so no mask is
+        # needed (and sdpa with a mask breaks vmap). Pads carry label -100.
+        logits = functional_call(model, p, args=(), kwargs={"input_ids": ex["input_ids"]}).logits
+        return response_nll(logits, ex["labels"])
+
+    # Eager attention under vmap: sdpa has no batching rule on CPU (slow per-example fallback).
+    hf_cfg = model.get_base_model().config
+    prev_attn = hf_cfg._attn_implementation
+    hf_cfg._attn_implementation = "eager"
+    try:
+        return per_example_grads(loss_fn, params, {"input_ids": batch["input_ids"], "labels": batch["labels"]},
+                                 chunk=chunk)
+    finally:
+        hf_cfg._attn_implementation = prev_attn
+        model.train(was_training)

@@ -1,13 +1,16 @@
 """The training step loop shared by pre-training, alignment, domain adaptation and replay.
 
-One loop, with the method's hooks at fixed points (see `safeanchor.methods.base.Method`):
+One loop, with the method's hooks at fixed points (`safeanchor.methods.base` documents them):
 
-    loss = task NLL (response tokens) ; loss = hooks.loss(model, batch, loss)
-    loss.backward()
-    hooks.after_backward(model, batch)      # gradient transformation (projection, ...)
+    extra = hooks.unprojected_loss(model, batch)   # its gradient bypasses transform_grad
+    loss  = hooks.loss(model, batch, task NLL on response tokens)
+    loss.backward()        # per-tensor hooks: g <- hooks.transform_grad(name, g) + ∇extra
+    hooks.after_backward(model, batch)             # global transformation (full gradient)
     clip ; optimizer.step() ; scheduler.step()
 
-The loop never knows which method runs.
+The per-tensor transform runs as a gradient hook on each trainable tensor, i.e. on the local
+gradient before any data-parallel reduction: the same mechanism serves this single-process
+loop and the DeepSpeed engine. The loop never knows which method runs.
 """
 
 from __future__ import annotations
@@ -58,11 +61,80 @@ class TrainConfig:
 
 
 class StepHooks(Protocol):
-    """What the loop calls around each step (a `Method` satisfies it)."""
+    """What the loop calls around each step (a `Method` satisfies it; see methods/base.py)."""
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor: ...
 
+    def unprojected_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None: ...
+
+    def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None: ...
+
     def after_backward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None: ...
+
+
+class GradHooks:
+    """Installs `hooks.transform_grad` (+ the unprojected gradient) as per-tensor gradient hooks.
+
+    Use as a context manager around a phase; `prepare(model, batch)` before each backward
+    computes the unprojected loss's gradient (with the transform off) for the next backward.
+    """
+
+    def __init__(self, model: torch.nn.Module, hooks: Any) -> None:
+        self.hooks = hooks
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.extra: dict[str, torch.Tensor] | None = None
+        self.active = True
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> GradHooks:
+        if self.hooks is not None:
+            for name, p in self.named:
+                self.handles.append(p.register_hook(self._fn(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _fn(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(grad: torch.Tensor) -> torch.Tensor:
+            if not self.active:
+                return grad
+            tf = getattr(self.hooks, "transform_grad", None)
+            out = tf(name, grad) if tf is not None else None
+            out = grad if out is None else out
+            if self.extra is not None and name in self.extra:
+                out = out + self.extra.pop(name)
+            return out
+
+        return fn
+
+    def prepare(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Gradient of hooks.unprojected_loss (transform off), added in the next backward."""
+        self.extra = None
+        fn = getattr(self.hooks, "unprojected_loss", None) if self.hooks is not None else None
+        extra = fn(model, batch) if fn is not None else None
+        if extra is None:
+            return None
+        if not torch.isfinite(extra):
+            raise NonFiniteLoss(f"non-finite unprojected loss {extra.item()}")
+        self.active = False
+        try:
+            grads = torch.autograd.grad(extra, [p for _, p in self.named], allow_unused=True)
+        finally:
+            self.active = True
+        self.extra = {n: g for (n, _), g in zip(self.named, grads, strict=True) if g is not None}
+        return extra.detach()
+
+    def finish(self) -> None:
+        """After backward: unprojected gradients of tensors the task loss did not reach."""
+        if self.extra:
+            params = dict(self.named)
+            for name, g in self.extra.items():
+                p = params[name]
+                p.grad = g.clone() if p.grad is None else p.grad + g
+        self.extra = None
 
 
 class NonFiniteLoss(RuntimeError):
@@ -114,27 +186,27 @@ def run_steps(
     model.train()
     losses: list[float] = []
     t0 = time.perf_counter()
-    for step in range(steps):
-        batch = next(batches)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        loss = out.loss
-        if hooks is not None:
-            loss = hooks.loss(model, batch, loss)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"{tag}: non-finite loss {loss.item()} at step {step}; stopping")
-        loss.backward()
-        if hooks is not None:
-            hooks.after_backward(model, batch)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
-        if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
-            recent = losses[-cfg.log_every :]
-            log(f"  [{tag}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
-                f"lr {sched.get_last_lr()[0]:.2e} ({time.perf_counter() - t0:.0f}s)")
+    with GradHooks(model, hooks) as gh:
+        for step in range(steps):
+            batch = next(batches)
+            gh.prepare(model, batch)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            loss = out.loss
+            if hooks is not None:
+                loss = hooks.loss(model, batch, loss)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"{tag}: non-finite loss {loss.item()} at step {step}; stopping")
+            loss.backward()
+            gh.finish()
+            if hooks is not None:
+                hooks.after_backward(model, batch)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(out.loss.detach()))
+            _progress(log, cfg, tag, step, steps, losses, sched, t0)
     model.eval()
     wall = time.perf_counter() - t0
     k = max(1, steps // 10)
@@ -145,6 +217,13 @@ def run_steps(
         "wall_s": wall,
         "step_s": wall / steps,
     }
+
+
+def _progress(log, cfg: TrainConfig, tag: str, step: int, steps: int, losses: list[float], sched, t0: float) -> None:
+    if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
+        recent = losses[-cfg.log_every :]
+        log(f"  [{tag}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
+            f"lr {sched.get_last_lr()[0]:.2e} ({time.perf_counter() - t0:.0f}s)")
 
 
 def train_examples(
