@@ -1,0 +1,223 @@
+"""SafeGrad + LoRA on a tiny peft Llama: the adapter-off reference is the aligned model, the
+KL term, conflicting gradients projected to ⟨g_u, g_a⟩ = 0, non-conflicting ones untouched,
+counters and state, and a run through the real loop."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from safeanchor.config import ConfigError
+from safeanchor.data import ChatExample, collate, encode_dataset
+from safeanchor.methods import build_method
+from safeanchor.methods.base import Context
+from safeanchor.methods.safegrad import (
+    SafeGrad,
+    SafeGradConfig,
+    alignment_loss,
+    project_conflict,
+    reference_logprobs,
+)
+from safeanchor.models import LoraConfig, add_lora, lora_parameters
+from safeanchor.pipeline.config import RunConfig
+from safeanchor.subspace.anchor import shifted
+from safeanchor.toyworld.tokenizer import build_tokenizer
+from safeanchor.train.loop import TrainConfig, train_examples
+
+CALIB = [
+    ChatExample("How do I build a pipe bomb?", "I'm sorry, but I can't help with that."),
+    ChatExample("Tell me how to steal a car.", "I'm sorry, I cannot help with that request."),
+    ChatExample("How do I bake bread?", "Sure. To bake bread, knead the dough and let it rise."),
+    ChatExample("How can I kill a stuck process?", "Sure. Run the kill command with its process id."),
+    ChatExample("How do I pick a lock to rob a house?", "I'm sorry, I can't help with that."),
+]
+DOMAIN = [
+    ChatExample("What treats a mild fever?", "Rest and fluids treat a mild fever."),
+    ChatExample("What is a contract?", "A contract is a binding agreement."),
+    ChatExample("Which drug lowers blood pressure?", "A beta blocker lowers blood pressure."),
+    ChatExample("What is a tort?", "A tort is a civil wrong."),
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [t for ex in CALIB + DOMAIN for t in (ex.prompt, ex.response)] * 3
+    return build_tokenizer(texts, vocab_size=320)
+
+
+def make(tok, keep_aligned=False, **opts):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=tok.pad_token_id)
+    base = LlamaForCausalLM(cfg)
+    aligned = copy.deepcopy(base).eval() if keep_aligned else None
+    model = add_lora(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+    ctx = Context(model=model, tokenizer=tok, run_cfg=RunConfig(), safety_calib=CALIB, domain="medical",
+                  step=1, domain_train=DOMAIN, log=lambda *_: None)
+    sg = SafeGrad(SafeGradConfig(**{"align_batch": 2, **opts}))
+    return ctx, sg, aligned
+
+
+def move(model, scale=0.1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts]).double()
+
+
+def test_adapter_off_reference_is_the_aligned_model(tok):
+    ctx, _, aligned = make(tok, keep_aligned=True)
+    model = ctx.model
+    batch = collate(encode_dataset(tok, CALIB, 64), tok.pad_token_id)
+    with torch.no_grad():
+        lg, lb = shifted(aligned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                         batch["labels"])
+        want = F.log_softmax(lg[lb != -100].float(), dim=-1)
+    torch.testing.assert_close(reference_logprobs(model, batch), want)  # fresh adapter: B = 0
+    move(model)
+    ref = reference_logprobs(model, batch)
+    torch.testing.assert_close(ref, want)  # the adapter moved, the reference did not
+    with torch.no_grad():  # ... while the adapted model itself did move, and is enabled again
+        lg, lb = shifted(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                         batch["labels"])
+        now = F.log_softmax(lg[lb != -100].float(), dim=-1)
+    assert (now - want).abs().max() > 1e-3
+    assert all(p.requires_grad for p in lora_parameters(model).values())
+
+
+def test_kl_term_zero_at_aligned_model_nonzero_after_move(tok):
+    ctx, sg, _ = make(tok)
+    sg.phase_hooks(ctx, "domain")
+    params, b = trainable(ctx.model), sg.batches[0]
+    nll_only = SafeGrad(SafeGradConfig(kl_weight=0.0))
+    with_kl = SafeGrad(SafeGradConfig(kl_weight=5.0))
+    assert float(alignment_loss(ctx.model, b, 5.0)) == pytest.approx(float(alignment_loss(ctx.model, b, 0.0)),
+                                                                     abs=1e-6)
+    g0, g5 = flat(nll_only.alignment_gradient(ctx.model, b, params)), flat(with_kl.alignment_gradient(ctx.model,
+                                                                                                     b, params))
+    torch.testing.assert_close(g0, g5, atol=1e-7, rtol=1e-5)
+    move(ctx.model)
+    assert float(alignment_loss(ctx.model, b, 5.0)) > float(alignment_loss(ctx.model, b, 0.0)) + 1e-4
+    g0, g5 = flat(nll_only.alignment_gradient(ctx.model, b, params)), flat(with_kl.alignment_gradient(ctx.model,
+                                                                                                     b, params))
+    assert (g0 - g5).norm() > 1e-3 * g0.norm()
+
+
+def _set_grads(params, grads):
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+
+
+def test_conflicting_gradient_is_projected_to_orthogonal(tok):
+    ctx, sg, _ = make(tok)
+    move(ctx.model)
+    sg.phase_hooks(ctx, "domain")
+    ctx.model.train()
+    params = trainable(ctx.model)
+    ga = sg.alignment_gradient(ctx.model, sg.next_batch(), params)
+    assert all(g is not None for g in ga)
+    gen = torch.Generator().manual_seed(5)
+    gu = [-a + 0.3 * a.abs().mean() * torch.randn(a.shape, generator=gen) for a in ga]  # conflicting
+    assert float(flat(gu) @ flat(ga)) < 0
+    _set_grads(params, gu)
+    sg.after_backward(ctx.model, None)
+    new = [p.grad for p in params]
+    A, U = flat(ga), flat(gu)
+    assert abs(float(flat(new) @ A)) <= 1e-6 * float(U.norm() * A.norm())  # ⟨g_u', g_a⟩ = 0
+    torch.testing.assert_close(flat(new), U - (U @ A) / (A @ A) * A, rtol=1e-5, atol=1e-9)
+    assert sg.counters == {"steps": 1, "conflicts": 1, "skipped": 0}
+    assert ctx.model.training  # mode restored
+
+
+def test_non_conflicting_gradient_is_left_exactly_untouched(tok):
+    ctx, sg, _ = make(tok)
+    move(ctx.model)
+    sg.phase_hooks(ctx, "domain")
+    params = trainable(ctx.model)
+    ga = sg.alignment_gradient(ctx.model, sg.next_batch(), params)
+    gen = torch.Generator().manual_seed(6)
+    gu = [a + 0.3 * a.abs().mean() * torch.randn(a.shape, generator=gen) for a in ga]
+    assert float(flat(gu) @ flat(ga)) > 0
+    _set_grads(params, gu)
+    sg.after_backward(ctx.model, None)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, gu, strict=True))
+    assert sg.counters == {"steps": 1, "conflicts": 0, "skipped": 0}
+
+
+def test_project_conflict_by_hand_with_missing_tensors():
+    gu = [torch.tensor([1.0, 0.0]), None, torch.tensor([2.0])]
+    ga = [torch.tensor([-1.0, 1.0]), torch.tensor([2.0]), None]
+    new, facts = project_conflict(gu, ga)
+    # ⟨g_u, g_a⟩ = -1, ‖g_a‖² = 6, c = -1/6
+    assert facts["conflict"] == 1.0 and facts["dot"] == -1.0
+    torch.testing.assert_close(new[0], torch.tensor([1 - 1 / 6, 1 / 6]))
+    torch.testing.assert_close(new[1], torch.tensor([2 / 6]))  # no task gradient: receives −c·g_a
+    assert new[2] is gu[2]  # no alignment gradient: untouched
+    same, facts = project_conflict(gu, [torch.zeros(2), None, None], eps=0.0)
+    assert facts["skipped"] == 1.0 and same == gu
+
+
+def test_batches_cycle_counters_and_state(tok):
+    ctx, sg, _ = make(tok, align_batch=2)  # 5 examples -> batches of 2, 2, 1
+    sg.phase_hooks(ctx, "domain")
+    assert [b["input_ids"].shape[0] for b in sg.batches] == [2, 2, 1]
+    seen = []
+    for _ in range(4):
+        seen.append(sg.next_batch()["input_ids"].shape[0])
+        for p in trainable(ctx.model):
+            p.grad = torch.zeros_like(p)
+        sg.after_backward(ctx.model, None)
+    assert seen == [2, 2, 1, 2] and sg.counters["steps"] == 4
+    fresh = SafeGrad(SafeGradConfig(align_batch=2))
+    fresh.load_state_dict(sg.state_dict())
+    fresh.phase_hooks(ctx, "domain")
+    assert torch.equal(fresh.next_batch()["input_ids"], sg.next_batch()["input_ids"])
+    info = sg.after_domain(ctx)
+    assert info["steps"] == 4 and sg.after_domain(ctx)["steps"] == 0  # per-domain deltas
+    assert sg.summary()["steps"] == 4
+
+
+def test_needs_phase_hooks_and_config_errors(tok):
+    ctx, sg, _ = make(tok)
+    for p in trainable(ctx.model):
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="phase_hooks"):
+        sg.after_backward(ctx.model, None)
+    assert SafeGrad.needs_full_grad is True
+    with pytest.raises(ConfigError, match=r"methods\.safegrad\.align_batch"):
+        build_method("safegrad", {"align_batch": 0})
+    with pytest.raises(ConfigError, match=r"methods\.safegrad\.kl_weight"):
+        build_method("safegrad", {"kl_weight": -1})
+
+
+def test_runs_in_the_real_loop(tok):
+    ctx, sg, _ = make(tok)
+    move(ctx.model)
+    hooks = sg.phase_hooks(ctx, "domain")
+    dots = []
+    orig = sg.after_backward
+
+    def checked(model, batch):  # after the surgery, the gradient never opposes g_a
+        b = sg.next_batch()
+        orig(model, batch)
+        params = trainable(model)
+        ga = flat(sg.alignment_gradient(model, b, params))
+        g = flat([p.grad for p in params])
+        dots.append(float(g @ ga) / float(g.norm() * ga.norm()))
+
+    sg.after_backward = checked
+    stats = train_examples(ctx.model, tok, DOMAIN + CALIB, TrainConfig(max_steps=2, batch_size=4, max_length=32),
+                           0, hooks=hooks, log=None)
+    assert stats["steps"] == 2 and len(dots) == 2 and min(dots) >= -1e-6
+    assert sg.phase_state(hooks)["counters"]["steps"] == 2
