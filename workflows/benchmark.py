@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     stop.set()
     th.join()
     proj.before_domain(ctx)
+    full_hooks = full.phase_hooks(ctx, "domain")  # projection groups + anchor reference of θ_{t-1}
+    proj_hooks = proj.phase_hooks(ctx, "domain")
 
     from safeanchor.data import ExampleBatches, encode_dataset
     from safeanchor.train.loop import cycle_batches, run_steps, train_examples
@@ -94,13 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     t = {"lora": [], "projection": [], "safeanchor": []}
     for _ in range(args.rounds):
         t["lora"].append(timed(None))
-        t["projection"].append(timed(proj))
-        t["safeanchor"].append(timed(full))
+        t["projection"].append(timed(proj_hooks))
+        t["safeanchor"].append(timed(full_hooks))
     med = {k: statistics.median(v) for k, v in t.items()}
 
     # One domain's training wall time (the pipeline's own call), for the SSI share.
     t0 = time.perf_counter()
-    train_examples(model, run.tokenizer, ctx.domain_train, cfg.train, cfg.seed, full, "domain", None)
+    train_examples(model, run.tokenizer, ctx.domain_train, cfg.train, cfg.seed, full_hooks, "domain", None)
     domain_s = time.perf_counter() - t0
     out = {
         "lora_step_s": med["lora"],

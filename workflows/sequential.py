@@ -3,6 +3,7 @@
     python workflows/sequential.py                                  # toy world, default method
     python workflows/sequential.py --method lora --seed 1 --order medical,legal,code
     python workflows/sequential.py --config workflows/configs/toy.yaml --set train.lr=5e-4
+    python workflows/sequential.py --resume safeanchor-seed0-medical-legal-code   # continue a run
 
 Parse -> build -> run -> report; all logic lives in the `safeanchor` package.
 """
@@ -26,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", help="directory for runs (default: runs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override parsed as YAML, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="continue the run RUN_ID under --storage with its saved config; finished steps are skipped")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p.parse_args(argv)
 
@@ -39,8 +42,19 @@ def main(argv: list[str] | None = None) -> int:
         from safeanchor.pipeline.config import load_run_config
 
         order = args.order.split(",") if args.order else None
-        cfg = load_run_config(args.config, args.overrides, method=args.method, seed=args.seed,
-                              run_id=args.run_id, storage=args.storage, **{"data.order": order})
+        if args.resume:
+            given = [f for f, v in (("--method", args.method), ("--seed", args.seed), ("--order", order),
+                                    ("--run-id", args.run_id), ("--set", args.overrides)) if v]
+            if given:
+                raise ConfigError("resume", f"--resume uses the run's saved config; drop {', '.join(given)}")
+            storage = args.storage or "runs"
+            saved = Path(storage) / args.resume / "config.yaml"
+            if not saved.is_file():
+                raise ConfigError("resume", f"nothing to resume: {saved} does not exist")
+            cfg = load_run_config(saved, [], storage=storage)
+        else:
+            cfg = load_run_config(args.config, args.overrides, method=args.method, seed=args.seed,
+                                  run_id=args.run_id, storage=args.storage, **{"data.order": order})
         if args.print_config:
             import yaml
 
@@ -48,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from safeanchor.pipeline.sequential import run_pipeline
 
-        run_pipeline(cfg)
+        run_pipeline(cfg, resume=bool(args.resume))
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,14 @@
 """SafeAnchor (arXiv 2604.17691): SSI + OSCA + anchor loss + CSM replay. ALGORITHMS.md §1–§4.
 
-Per domain t:
+Per domain t (each a durable pipeline step; state lives in state_dict()):
   before_domain  SSI: per-example safety gradients on the calibration set at the current
                  model -> per-tensor Fisher eigenbasis (thin SVD) -> Fisher-weighted merge
-                 with the previous subspace; α_i from the normalised trace; anchor reference
-                 log-probs of θ_{t−1} cached.
-  each step      loss = L_task; backward; ĝ_i = g_i − (1−α_i) V_i V_iᵀ g_i (same-shape tensors in
-                 one bmm); then γ·KL(p_{θ_{t−1}} ‖ p_θ) backpropagated separately, NOT projected.
-  after_domain   CSM: s_t on the probe set; if s_t < (1−τ)·s_0, replay E projected steps of
-                 L_task + β·L_safe, re-check, at most R rounds.
+                 with the previous subspace; α_i from the normalised trace.
+  domain phase   phase_hooks caches the anchor reference log-probs of θ_{t−1}; each step:
+                 ĝ_i = g_i − (1−α_i) V_i V_iᵀ g_i as a per-tensor gradient hook (linear, so exact
+                 under data parallelism), plus ∇ γ·KL(p_{θ_{t−1}} ‖ p_θ) added AFTER it.
+  gate (CSM)     s_t on the probe set; if s_t < (1−τ)·s_0 ask for a "replay" phase (E projected
+                 steps of L_task + β·L_safe), then re-check; at most R rounds.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ import torch
 
 from safeanchor.config import check
 from safeanchor.data import collate, encode_dataset
-from safeanchor.methods.base import Context, Method, register_method
+from safeanchor.methods.base import Context, Gate, Method, TrainPhase, register_method
 from safeanchor.models import lora_parameters
 from safeanchor.subspace.anchor import anchor_kl, cached_reference
 from safeanchor.subspace.fisher import (
     Subspace,
     fisher_subspace,
     merge_subspaces,
-    project_batched,
     safety_gradients,
 )
 
@@ -90,15 +89,6 @@ def short_name(name: str) -> str:
     return f"L{layer}.{mod}.{ab}"
 
 
-@dataclass
-class _Group:
-    """Same-shape LoRA tensors projected in one bmm."""
-
-    params: list[torch.nn.Parameter]
-    V: torch.Tensor  # (B, n, k_pad)
-    alpha: torch.Tensor  # (B,)
-
-
 def alphas_from_traces(traces: dict[str, float], cfg: SafeAnchorConfig) -> dict[str, float]:
     """α_i per tensor (ALGORITHMS.md §2), from NORMALISED traces (raw traces make α ≈ 1)."""
     if cfg.strict:
@@ -117,7 +107,7 @@ class SafeAnchor(Method):
         self.cfg = cfg
         self.subspaces: dict[str, Subspace] = {}
         self.alpha: dict[str, float] = {}
-        self.groups: list[_Group] = []
+        self._proj: dict[str, tuple[torch.Tensor, float]] = {}
         self.s0: float | None = None
         self.csm_log: list[dict[str, Any]] = []
         self.ssi_log: list[dict[str, Any]] = []
@@ -145,44 +135,35 @@ class SafeAnchor(Method):
         return {name: fisher_subspace(g.reshape(n, -1), self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed)
                 for name, g in G.items()}
 
-    def _build_groups(self, model) -> None:
+    def _build_projection(self, model) -> None:
+        """Per-tensor (V, α) for the gradient hooks; tensors with k = 0 or α = 1 are skipped."""
         params = lora_parameters(model)
-        by_shape: dict[tuple, list[str]] = {}
+        self._proj = {}
         for name, p in params.items():
-            if self.subspaces[name].k > 0 and self.alpha[name] < 1.0:
-                by_shape.setdefault(tuple(p.shape), []).append(name)
-        self.groups = []
-        for names in by_shape.values():
-            k_pad = max(self.subspaces[n].k for n in names)
-            nel = params[names[0]].numel()
-            V = torch.zeros(len(names), nel, k_pad)
-            for i, n in enumerate(names):  # zero columns leave the projection unchanged
-                V[i, :, : self.subspaces[n].k] = self.subspaces[n].V
-            alpha = torch.tensor([self.alpha[n] for n in names])
-            self.groups.append(_Group([params[n] for n in names], V, alpha))
+            sub = self.subspaces.get(name)
+            if sub is not None and sub.k > 0 and self.alpha.get(name, 1.0) < 1.0:
+                self._proj[name] = (sub.V.to(p.dtype), 1.0 - self.alpha[name])
 
-    @torch.no_grad()
-    def project_gradients(self) -> None:
-        for g in self.groups:
-            G = torch.stack([p.grad.reshape(-1) for p in g.params])  # (B, n)
-            G = project_batched(G, g.V.to(G.dtype), g.alpha.to(G.dtype))
-            for p, row in zip(g.params, G, strict=True):
-                p.grad.copy_(row.view_as(p.grad))
+    def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
+        entry = self._proj.get(name)
+        if entry is None:
+            return None
+        V, one_minus_alpha = entry
+        g = grad.reshape(-1)
+        return (g - one_minus_alpha * (V @ (V.T @ g))).view_as(grad)
 
     # ---- hooks ----------------------------------------------------------------------
     def setup(self, ctx: Context) -> None:
         if self.cfg.csm:
             self.s0 = ctx.probe_safety()
             ctx.log(f"  [csm] s_0 = {self.s0:.3f} on {len(ctx.safety_probe)} probe prompts")
-        if self.cfg.anchor or self.cfg.csm:
-            feats = encode_dataset(ctx.tokenizer, ctx.safety_calib, ctx.run_cfg.train.max_length)
-            order = list(range(len(feats)))
-            random.Random(ctx.run_cfg.seed).shuffle(order)
-            pad = ctx.tokenizer.pad_token_id
-            self._anchor_batches = [collate([feats[i] for i in order[s : s + self.cfg.anchor_batch]], pad)
-                                    for s in range(0, len(order), self.cfg.anchor_batch)]
-            self._safety_batches = [collate([feats[i] for i in order[s : s + self.cfg.safety_batch]], pad)
-                                    for s in range(0, len(order), self.cfg.safety_batch)]
+
+    def _batches(self, ctx: Context, size: int) -> list[dict[str, torch.Tensor]]:
+        feats = encode_dataset(ctx.tokenizer, ctx.safety_calib, ctx.run_cfg.train.max_length)
+        order = list(range(len(feats)))
+        random.Random(ctx.run_cfg.seed).shuffle(order)
+        pad = ctx.tokenizer.pad_token_id
+        return [collate([feats[i] for i in order[s : s + size]], pad) for s in range(0, len(order), size)]
 
     def before_domain(self, ctx: Context) -> None:
         t0 = time.perf_counter()
@@ -194,7 +175,6 @@ class SafeAnchor(Method):
             merged = fresh
         self.subspaces = merged
         self.alpha = alphas_from_traces({n: s.trace for n, s in fresh.items()}, self.cfg)
-        self._build_groups(ctx.model)
         ssi_s = time.perf_counter() - t0
         empty = [short_name(n) for n, s in merged.items() if s.k == 0]
         ks = [s.k for s in merged.values()]
@@ -211,40 +191,61 @@ class SafeAnchor(Method):
                 f"α min {rec['alpha_min']:.3f} mean {rec['alpha_mean']:.3f}")
         if ctx.run_dir:
             self.save_subspaces(Path(ctx.run_dir) / "subspaces" / f"step{ctx.step}-{ctx.domain}.safetensors")
-        if self.cfg.anchor and self.cfg.gamma > 0:
-            self._anchor_ref = cached_reference(ctx.model, self._anchor_batches)
-            self._anchor_i = 0
 
-    def after_backward(self, model, batch) -> None:
-        self.project_gradients()
-        if self.cfg.anchor and self.cfg.gamma > 0 and self._anchor_ref:
-            # Separate backward: the anchor gradient is added AFTER the projection (not projected).
-            i = self._anchor_i % len(self._anchor_batches)
-            self._anchor_i += 1
-            (self.cfg.gamma * anchor_kl(model, self._anchor_batches[i], self._anchor_ref[i])).backward()
+    def phase_hooks(self, ctx: Context, phase: str) -> Any:
+        """Per-process caches: projection (V, α) per tensor; anchor reference of θ_{t−1}
+        (the model as the domain phase starts); safety batches for replay."""
+        self._build_projection(ctx.model)
+        if phase == "domain":
+            self._anchor_batches, self._anchor_ref = [], []
+            if self.cfg.anchor and self.cfg.gamma > 0:
+                self._anchor_batches = self._batches(ctx, self.cfg.anchor_batch)
+                self._anchor_ref = cached_reference(ctx.model, self._anchor_batches)
+            self._anchor_i = 0
+            return self
+        if phase == "replay":
+            self._safety_batches = self._batches(ctx, self.cfg.safety_batch)
+            return _Replay(self)
+        return super().phase_hooks(ctx, phase)
+
+    def unprojected_loss(self, model, batch) -> torch.Tensor | None:
+        """γ·KL(p_{θ_{t−1}} ‖ p_θ) on the next anchor batch: its gradient is NOT projected."""
+        if not self._anchor_ref:
+            return None
+        i = self._anchor_i % len(self._anchor_batches)
+        self._anchor_i += 1
+        return self.cfg.gamma * anchor_kl(model, self._anchor_batches[i], self._anchor_ref[i])
+
+    def gate(self, ctx: Context, round: int) -> Gate:
+        """CSM: round 0 measures s_t after the domain; round r re-checks after replay round r."""
+        if not self.cfg.csm:
+            return Gate()
+        s = ctx.probe_safety()
+        thr = (1 - self.cfg.tau) * self.s0
+        if round == 0:
+            self.csm_log.append({"domain": ctx.domain, "s_t": s, "s_0": self.s0, "threshold": thr,
+                                 "triggered": s < thr, "rounds": 0, "s_after": s})
+            ctx.log(f"  [csm] s_t = {s:.3f} (threshold {thr:.3f}): {'replay' if s < thr else 'ok'}")
+        else:
+            ctx.log(f"  [csm] after replay round {round}: s = {s:.3f}")
+        rec = self.csm_log[-1]
+        rec["s_after"] = s
+        decision = {"round": round, "s": s, "threshold": thr}
+        if s >= thr or rec["rounds"] >= self.cfg.replay_rounds:
+            return Gate({**decision, "replay": False})
+        rec["rounds"] += 1
+        n = self.cfg.replay_steps * self.cfg.replay_batch
+        task = random.Random(ctx.step * 7919 + rec["rounds"]).choices(ctx.domain_train, k=n)
+        tcfg = replace(ctx.run_cfg.train, lr=self.cfg.replay_lr, batch_size=self.cfg.replay_batch,
+                       epochs=1.0, max_steps=self.cfg.replay_steps, warmup_ratio=0.0, schedule="constant")
+        phase = TrainPhase(task, tcfg, ctx.run_cfg.seed * 1000 + ctx.step * 10 + rec["rounds"],
+                           f"replay {rec['rounds']}", hooks="replay")
+        return Gate({**decision, "replay": True}, phase)
 
     def after_domain(self, ctx: Context) -> dict[str, Any]:
         info: dict[str, Any] = {"ssi": self.ssi_log[-1]}
-        if not self.cfg.csm:
-            return info
-        s_t = ctx.probe_safety()
-        thr = (1 - self.cfg.tau) * self.s0
-        rec = {"domain": ctx.domain, "s_t": s_t, "s_0": self.s0, "threshold": thr,
-               "triggered": s_t < thr, "rounds": 0, "s_after": s_t}
-        ctx.log(f"  [csm] s_t = {s_t:.3f} (threshold {thr:.3f}): {'replay' if s_t < thr else 'ok'}")
-        s = s_t
-        while s < thr and rec["rounds"] < self.cfg.replay_rounds:
-            rec["rounds"] += 1
-            n = self.cfg.replay_steps * self.cfg.replay_batch
-            task = random.Random(ctx.step * 7919 + rec["rounds"]).choices(ctx.domain_train, k=n)
-            tcfg = replace(ctx.run_cfg.train, lr=self.cfg.replay_lr, batch_size=self.cfg.replay_batch,
-                           epochs=1.0, max_steps=self.cfg.replay_steps, warmup_ratio=0.0, schedule="constant")
-            ctx.train(task, tcfg, _Replay(self), f"replay {rec['rounds']}")
-            s = ctx.probe_safety()
-            ctx.log(f"  [csm] after replay round {rec['rounds']}: s = {s:.3f}")
-        rec["s_after"] = s
-        self.csm_log.append(rec)
-        info["csm"] = rec
+        if self.cfg.csm and self.csm_log:
+            info["csm"] = self.csm_log[-1]
         return info
 
     # ---- persistence ----------------------------------------------------------------
@@ -252,29 +253,49 @@ class SafeAnchor(Method):
         from safetensors.torch import save_file
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for n, s in self.subspaces.items():
-            tensors[f"{n}.V"] = s.V.contiguous()
-            tensors[f"{n}.lam"] = s.lam.contiguous()
-            tensors[f"{n}.trace"] = torch.tensor([s.trace])
         tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
+        save_file(subspace_tensors(self.subspaces), str(tmp))
         tmp.replace(path)
 
     @staticmethod
     def load_subspaces(path: Path) -> dict[str, Subspace]:
         from safetensors.torch import load_file
 
-        t = load_file(str(path))
-        names = {k.rsplit(".", 1)[0] for k in t}
-        return {n: Subspace(t[f"{n}.V"], t[f"{n}.lam"], float(t[f"{n}.trace"][0])) for n in names}
+        return subspaces_from_tensors(load_file(str(path)))
 
     def state_dict(self) -> dict[str, Any]:
+        return {"s0": self.s0, "csm": self.csm_log, "ssi": self.ssi_log, "alpha": dict(self.alpha),
+                "subspaces": subspace_tensors(self.subspaces), "anchor_i": self._anchor_i,
+                "safety_i": self._safety_i}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.s0 = state["s0"]
+        self.csm_log = [dict(r) for r in state["csm"]]
+        self.ssi_log = [dict(r) for r in state["ssi"]]
+        self.alpha = {k: float(v) for k, v in state["alpha"].items()}
+        self.subspaces = subspaces_from_tensors(state["subspaces"])
+        self._anchor_i, self._safety_i = int(state["anchor_i"]), int(state["safety_i"])
+
+    def summary(self) -> dict[str, Any]:
         return {"s0": self.s0, "csm": self.csm_log, "ssi": self.ssi_log}
 
 
+def subspace_tensors(subspaces: dict[str, Subspace]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for n, s in subspaces.items():
+        tensors[f"{n}.V"] = s.V.contiguous()
+        tensors[f"{n}.lam"] = s.lam.contiguous()
+        tensors[f"{n}.trace"] = torch.tensor([s.trace], dtype=torch.float64)
+    return tensors
+
+
+def subspaces_from_tensors(t: dict[str, torch.Tensor]) -> dict[str, Subspace]:
+    names = {k.rsplit(".", 1)[0] for k in t}
+    return {n: Subspace(t[f"{n}.V"], t[f"{n}.lam"], float(t[f"{n}.trace"][0])) for n in names}
+
+
 class _Replay:
-    """Replay step hooks: L_task + β·L_safe on a calibration batch; projected gradients."""
+    """Replay step hooks: L_task + β·L_safe on a calibration batch; gradients projected."""
 
     def __init__(self, sa: SafeAnchor) -> None:
         self.sa = sa
@@ -286,5 +307,5 @@ class _Replay:
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
         return task_loss + sa.cfg.beta * out.loss
 
-    def after_backward(self, model, batch) -> None:
-        self.sa.project_gradients()
+    def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
+        return self.sa.transform_grad(name, grad)

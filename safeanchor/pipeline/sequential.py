@@ -13,21 +13,29 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from safeanchor.config import ConfigError, save_config, to_dict
+from safeanchor.config import ConfigError, from_dict, save_config, to_dict
 from safeanchor.data import ChatExample, load_examples
 from safeanchor.evaluation import EvalSuite, evaluate, load_extra_files, probe_safety
 from safeanchor.judges import build_judge
 from safeanchor.methods import Context, build_method
+from safeanchor.methods.base import TrainPhase
 from safeanchor.models import add_lora, load_model, load_tokenizer, resolve
 from safeanchor.pipeline.config import RunConfig
+from safeanchor.pipeline.store import (
+    StepStore,
+    adapter_bytes,
+    load_adapter_bytes,
+    pack_state,
+    unpack_state,
+)
 from safeanchor.tracking import make_tracker, numeric_scalars
-from safeanchor.train.loop import train_examples
+from safeanchor.train.loop import TrainConfig, train_examples
 
 CORE_METRICS = ("safety", "over_refusal", "helpful", "general")
 
@@ -115,11 +123,17 @@ class PreparedRun:
     extras: list[str]
 
 
-def prepare_run(cfg: RunConfig, log=print) -> PreparedRun:
+def prepare_run(cfg: RunConfig, log=print, resume: bool = False) -> PreparedRun:
     """Validate inputs, build/load the toy world if referenced, load data, model and adapter."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Cheap validation first: bad files or options fail before anything is built or written.
+    run_dir = Path(cfg.storage) / cfg.resolved_run_id()
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise ConfigError("run_id", f"nothing to resume: {run_dir / 'config.yaml'} does not exist")
+    if not resume and (run_dir / "steps").exists():
+        raise ConfigError("run_id", f"{run_dir} already holds a run: continue it with --resume "
+                          f"{cfg.resolved_run_id()}, or choose another --run-id / --storage")
     extra_h, extra_b = load_extra_files(cfg.eval)
     judge = build_judge(cfg.eval.judge)
     method = build_method(cfg.method, cfg.methods.get(cfg.method))
@@ -159,34 +173,33 @@ def prepare_run(cfg: RunConfig, log=print) -> PreparedRun:
     model = add_lora(load_model(ref, cfg.model), cfg.lora, cfg.seed)
     base_ref = resolve(cfg.model.base, toy_paths, "model.base") if cfg.model.base else None
 
-    run_dir = Path(cfg.storage) / cfg.resolved_run_id()
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if not resume:
+        save_config(cfg, run_dir / "config.yaml")
     log(f"[run] {cfg.resolved_run_id()} -> {run_dir}")
 
     ctx = Context(
         model=model, tokenizer=tokenizer, run_cfg=cfg, safety_calib=calib, safety_probe=probe,
         base_model_ref=base_ref, log=log, run_dir=str(run_dir),
     )
-    ctx.train = lambda examples, tcfg, hooks, tag, seed=cfg.seed: train_examples(
-        model, tokenizer, examples, tcfg, seed, hooks, tag, log)
     ctx.probe_safety = lambda: probe_safety(model, tokenizer, probe, judge, cfg.eval)
     return PreparedRun(cfg, run_dir, tokenizer, suite, judge, method, ctx, domain_train,
                        list(extra_h) + list(extra_b))
 
 
-def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, log=print, resume: bool = False) -> dict[str, Any]:
+    """Run (or, with resume, continue) the pipeline; finished steps under run_dir/steps are skipped."""
     t_start = time.perf_counter()
-    run = prepare_run(cfg, log)
-    model, tokenizer, method, ctx = run.ctx.model, run.tokenizer, run.method, run.ctx
+    run = prepare_run(cfg, log, resume=resume)
     tracker = make_tracker(cfg.tracking, Path(cfg.storage))
     status = "FAILED"  # what the MLflow run ends with unless tracker.finish() ran
     try:
         tracker.start(cfg.resolved_run_id(), to_dict(cfg),
-                      tags={"method": cfg.method, "seed": cfg.seed, "order": ",".join(cfg.data.order)})
+                      tags={"method": cfg.method, "seed": cfg.seed, "order": ",".join(cfg.data.order),
+                            "resumed": resume})
         if tracker.run_id:
             log(f"[mlflow] run {tracker.run_id} at {tracker.tracking_uri}")
-        summary = _run_steps(cfg, run, model, tokenizer, method, ctx, tracker, log)
+        summary = Runner(cfg, run, tracker, log).run()
         summary["wall_s"] = time.perf_counter() - t_start
         summary["mlflow_tracking_uri"] = tracker.tracking_uri
         summary["mlflow_run_id"] = tracker.run_id
@@ -202,42 +215,123 @@ def run_pipeline(cfg: RunConfig, log=print) -> dict[str, Any]:
     return summary
 
 
-def _run_steps(cfg: RunConfig, run: PreparedRun, model, tokenizer, method, ctx, tracker, log) -> dict[str, Any]:
-    def eval_step(t: int, label: str) -> dict[str, float]:
+def phase_to_json(phase: TrainPhase) -> dict[str, Any]:
+    return {"cfg": to_dict(phase.cfg), "seed": phase.seed, "tag": phase.tag, "hooks": phase.hooks,
+            "examples": [{"prompt": e.prompt, "response": e.response, "answer": e.answer, "meta": dict(e.meta)}
+                         for e in phase.examples]}
+
+
+def phase_from_json(d: dict[str, Any]) -> TrainPhase:
+    return TrainPhase([ChatExample(**e) for e in d["examples"]], from_dict(TrainConfig, d["cfg"]),
+                      int(d["seed"]), d["tag"], d["hooks"])
+
+
+class Runner:
+    """The DAG of durable steps, driven from here (see the module docstring of
+    safeanchor.pipeline.store): setup, eval 0, then per domain before → train →
+    gate → [phase → gate]* → after → eval. A finished step is never run again; the model and
+    the method are restored from the last finished checkpoint before the first unfinished step.
+    """
+
+    def __init__(self, cfg: RunConfig, run: PreparedRun, tracker, log) -> None:
+        self.cfg, self.run_, self.tracker, self.log = cfg, run, tracker, log
+        self.model, self.tok, self.method, self.ctx = run.ctx.model, run.tokenizer, run.method, run.ctx
+        self.store = StepStore(str(run.run_dir / "steps"))
+        self.pending: str | None = None  # last finished checkpoint not yet loaded
+        self.ctx.train = self.train_phase
+
+    # ---- the step primitive --------------------------------------------------------------
+    def step(self, name: str, fn, checkpoint: bool) -> dict[str, Any]:
+        if self.store.done(name):
+            if checkpoint:
+                self.pending = name
+            self.log(f"[step] {name}: finished earlier, skipped")
+            return self.store.record(name)
+        self.restore()
+        self.store.log_execution(name)
+        record = fn()
+        files = {"record.json": json.dumps(record, default=float).encode()}
+        if checkpoint:
+            tensors, tree = pack_state(self.method.state_dict())
+            files.update({"adapter.safetensors": adapter_bytes(self.model), "state.safetensors": tensors,
+                          "state.json": tree})
+        self.store.write(name, files)
+        return record
+
+    def restore(self) -> None:
+        if self.pending is None:
+            return
+        name, self.pending = self.pending, None
+        self.log(f"[step] restoring model and method state from {name}")
+        load_adapter_bytes(self.model, self.store.read(name, "adapter.safetensors"))
+        self.method.load_state_dict(unpack_state(self.store.read(name, "state.safetensors"),
+                                                 self.store.read(name, "state.json")))
+        self.method.attach(self.ctx)
+
+    # ---- services ------------------------------------------------------------------------
+    def train_phase(self, phase: TrainPhase) -> dict[str, Any]:
+        torch.manual_seed(phase.seed)  # dropout etc.: a resumed phase replays identically
+        hooks = self.method.phase_hooks(self.ctx, phase.hooks)
+        return train_examples(self.model, self.tok, phase.examples, phase.cfg, phase.seed, hooks, phase.tag,
+                              self.log)
+
+    def eval_step(self, t: int, label: str) -> dict[str, float]:
         t0 = time.perf_counter()
-        m = evaluate(model, tokenizer, run.suite, run.judge, cfg.eval)
-        log(f"[eval] step {t} ({label}): " + " ".join(f"{k}={v:.3f}" for k, v in m.items()) +
-            f" ({time.perf_counter() - t0:.0f}s)")
+        m = evaluate(self.model, self.tok, self.run_.suite, self.run_.judge, self.cfg.eval)
+        self.log(f"[eval] step {t} ({label}): " + " ".join(f"{k}={v:.3f}" for k, v in m.items()) +
+                 f" ({time.perf_counter() - t0:.0f}s)")
         return m
 
-    # setup() runs before the step-0 evaluation: a method that changes the model before any
-    # domain (Vaccine's re-alignment) is measured from the model it actually starts from.
-    method.setup(ctx)
-    history = [eval_step(0, "before any domain")]
-    tracker.log_metrics(history[0], step=0)
-    steps_info: list[dict[str, Any]] = []
-    with open(run.run_dir / "metrics.jsonl", "w") as mf:
-        mf.write(json.dumps({"step": 0, **history[0]}) + "\n")
+    # ---- the DAG -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, ctx, method, run = self.cfg, self.ctx, self.method, self.run_
+        # setup() runs before the step-0 evaluation: a method that changes the model before any
+        # domain (Vaccine's re-alignment) is measured from the model it actually starts from.
+        self.step("00-setup", lambda: {"info": method.setup(ctx)}, checkpoint=True)
+        history = [self.step("00-eval", lambda: self.eval_step(0, "before any domain"), checkpoint=False)]
+        self.tracker.log_metrics(history[0], step=0)
+        steps_info: list[dict[str, Any]] = []
+        lines = [json.dumps({"step": 0, **history[0]})]
         for t, d in enumerate(cfg.data.order, start=1):
-            with tracker.domain(t, d):
+            prefix = f"{t:02d}-{d}"
+            with self.tracker.domain(t, d):
                 ctx.domain, ctx.step, ctx.domain_train = d, t, run.domain_train[d]
-                log(f"[domain {t}/{len(cfg.data.order)}] {d}: {len(ctx.domain_train)} examples, method {cfg.method}")
-                method.before_domain(ctx)
-                examples = method.training_examples(ctx, ctx.domain_train)
-                stats = train_examples(model, tokenizer, examples, cfg.train, cfg.seed * 1000 + t, method, d, log)
-                info = method.after_domain(ctx)
+                ctx.previous_domain_train = run.domain_train[cfg.data.order[t - 2]] if t > 1 else []
+                self.log(f"[domain {t}/{len(cfg.data.order)}] {d}: {len(ctx.domain_train)} examples, "
+                         f"method {cfg.method}")
+                self.step(f"{prefix}/01-before", lambda: {"info": method.before_domain(ctx)}, checkpoint=True)
+                phase = TrainPhase([], cfg.train, cfg.seed * 1000 + t, d, "domain")
+                stats = self.step(f"{prefix}/02-train", lambda phase=phase: self.train_phase(
+                    replace(phase, examples=method.training_examples(ctx, ctx.domain_train))), checkpoint=True)
+                gates = []
+                r, i = 0, 3
+                while True:
+                    g = self.step(f"{prefix}/{i:02d}-gate{r}", lambda r=r: self._gate(r), checkpoint=True)
+                    gates.append(g["record"])
+                    if g["phase"] is None:
+                        break
+                    ph = phase_from_json(g["phase"])
+                    self.step(f"{prefix}/{i + 1:02d}-{ph.hooks}{r + 1}", lambda ph=ph: self.train_phase(ph),
+                              checkpoint=True)
+                    r, i = r + 1, i + 2
+                info = self.step(f"{prefix}/90-after", lambda: method.after_domain(ctx) or {}, checkpoint=True)
+                history.append(self.step(f"{prefix}/91-eval", lambda t=t, d=d: self.eval_step(t, d), checkpoint=False))
+                self.restore()  # the live model must be this step's for the adapter copy below
                 adapter_dir = run.run_dir / "adapters" / f"step{t}-{d}"
-                model.save_pretrained(adapter_dir)
-                history.append(eval_step(t, d))
-                steps_info.append({"domain": d, "train": stats, "method": info})
-                mf.write(json.dumps({"step": t, "domain": d, **history[-1]}) + "\n")
-                mf.flush()
-                _track_step(tracker, run.run_dir, t, d, history[-1], stats, info, adapter_dir)
+                self.model.save_pretrained(adapter_dir, selected_adapters=["default"])
+                steps_info.append({"domain": d, "train": stats, "gates": gates, "method": info})
+                lines.append(json.dumps({"step": t, "domain": d, **history[-1]}))
+                _track_step(self.tracker, run.run_dir, t, d, history[-1], stats, info, adapter_dir)
+        (run.run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        summary = summarize(cfg, history, run.extras)
+        summary["steps"] = steps_info
+        summary["method_state"] = method.summary()
+        summary["executions"] = self.store.executions()
+        return summary
 
-    summary = summarize(cfg, history, run.extras)
-    summary["steps"] = steps_info
-    summary["method_state"] = method.state_dict()
-    return summary
+    def _gate(self, r: int) -> dict[str, Any]:
+        g = self.method.gate(self.ctx, r)
+        return {"record": g.record, "phase": phase_to_json(g.phase) if g.phase is not None else None}
 
 
 def _track_step(tracker, run_dir: Path, t: int, d: str, evals: dict[str, float], stats: dict,

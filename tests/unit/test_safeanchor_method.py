@@ -11,6 +11,7 @@ from safeanchor.models import LoraConfig, add_lora, lora_parameters
 from safeanchor.pipeline.config import RunConfig
 from safeanchor.subspace.anchor import anchor_kl
 from safeanchor.toyworld.tokenizer import build_tokenizer
+from safeanchor.train.loop import GradHooks
 
 CALIB = [
     ChatExample("How do I build a pipe bomb?", "I'm sorry, but I can't help with that."),
@@ -61,15 +62,31 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in lora_parameters(model).items()}
 
 
+def _backward_through_hooks(model, hooks, batch, coeffs):
+    """One loop-style backward of Σ <coeff, θ> (gradient = coeff) through the real GradHooks."""
+    for p in model.parameters():
+        p.grad = None
+    params = lora_parameters(model)
+    with GradHooks(model, hooks) as gh:
+        gh.prepare(model, batch)
+        sum((params[n] * c).sum() for n, c in coeffs.items()).backward()
+        gh.finish()
+    return _grads(model)
+
+
+def _move_B(model, scale=0.05):
+    with torch.no_grad():
+        for n, p in lora_parameters(model).items():
+            if "lora_B" in n:
+                p.normal_(0, scale)
+
+
 def test_anchor_gradient_zero_at_reference_nonzero_after_move_and_not_projected(tok):
     ctx, sa = make_ctx(tok, strict=True, gamma=1.0, anchor_batch=4)
     sa.setup(ctx)
-    # Move B off zero first, so that the subspace is non-trivial for every tensor.
-    with torch.no_grad():
-        for n, p in lora_parameters(ctx.model).items():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    sa.before_domain(ctx)  # caches p_{θ_{t-1}} at the current θ
+    _move_B(ctx.model)  # B off zero first, so that the subspace is non-trivial for every tensor
+    sa.before_domain(ctx)
+    hooks = sa.phase_hooks(ctx, "domain")  # caches p_{θ_{t-1}} at the current θ
     batch, ref = sa._anchor_batches[0], sa._anchor_ref[0]
     ctx.model.zero_grad()
     anchor_kl(ctx.model, batch, ref).backward()
@@ -84,43 +101,55 @@ def test_anchor_gradient_zero_at_reference_nonzero_after_move_and_not_projected(
     raw = _grads(ctx.model)
     assert max(g.abs().max().item() for g in raw.values()) > 1e-4
 
-    # In a training step: task gradient zero -> what remains is the anchor gradient, unprojected.
-    for p in lora_parameters(ctx.model).values():
-        p.grad = torch.zeros_like(p)
+    # In a training step with a zero task gradient, what remains is the anchor gradient, unprojected.
     sa._anchor_i = 0
-    sa.after_backward(ctx.model, batch)
-    after = _grads(ctx.model)
+    zero = {n: torch.zeros_like(p) for n, p in lora_parameters(ctx.model).items()}
+    after = _backward_through_hooks(ctx.model, hooks, batch, zero)
     for n in raw:
         torch.testing.assert_close(after[n], raw[n], atol=1e-6, rtol=1e-5)
-    # and that gradient has a component inside the strict-projected subspace (else the test is void)
-    g = sa.groups[0]
-    G = torch.stack([raw[n].reshape(-1) for n, p in lora_parameters(ctx.model).items()
-                     if any(p is q for q in g.params)])
-    assert torch.bmm(g.V.transpose(1, 2), G.unsqueeze(2)).abs().max() > 1e-6
+    # ... and that gradient has a component inside the (strict) subspace, else the test is void
+    assert any((sa._proj[n][0].T @ raw[n].reshape(-1)).abs().max() > 1e-6 for n in sa._proj)
 
 
-def _project_check(sa, model, before):
-    for g in sa.groups:
-        idx = [n for n, p in lora_parameters(model).items() if any(p is q for q in g.params)]
-        Gb = torch.stack([before[n].reshape(-1) for n in idx])
-        Ga = torch.stack([lora_parameters(model)[n].grad.reshape(-1) for n in idx])
-        lhs = torch.bmm(g.V.transpose(1, 2), Ga.unsqueeze(2)).squeeze(2)
-        rhs = g.alpha.view(-1, 1) * torch.bmm(g.V.transpose(1, 2), Gb.unsqueeze(2)).squeeze(2)
+def _check_projected(sa, before, after):
+    assert sa._proj, "no tensor has a subspace: the test would be void"
+    changed = False
+    for n, (V, one_minus_alpha) in sa._proj.items():
+        lhs = V.T @ after[n].reshape(-1)
+        rhs = (1 - one_minus_alpha) * (V.T @ before[n].reshape(-1))
         torch.testing.assert_close(lhs, rhs, atol=1e-5, rtol=1e-4)
+        changed |= not torch.equal(before[n], after[n])
+    assert changed
+
+
+def test_domain_step_gradient_is_projected_per_tensor(tok):
+    ctx, sa = make_ctx(tok, lam=1.0, anchor=False)
+    sa.setup(ctx)
+    sa.before_domain(ctx)
+    hooks = sa.phase_hooks(ctx, "domain")
+    g = {n: torch.randn_like(p) for n, p in lora_parameters(ctx.model).items()}
+    _check_projected(sa, g, _backward_through_hooks(ctx.model, hooks, None, g))
 
 
 def test_replay_step_is_projected(tok):
     ctx, sa = make_ctx(tok, lam=1.0, anchor=False)
     sa.setup(ctx)
     sa.before_domain(ctx)
-    assert sa.groups, "no tensor has a subspace: the test would be void"
-    for p in lora_parameters(ctx.model).values():
-        p.grad = torch.randn_like(p)
-    before = _grads(ctx.model)
-    _Replay(sa).after_backward(ctx.model, None)
-    _project_check(sa, ctx.model, before)
-    changed = any(not torch.equal(before[n], p.grad) for n, p in lora_parameters(ctx.model).items())
-    assert changed
+    hooks = sa.phase_hooks(ctx, "replay")
+    assert isinstance(hooks, _Replay)
+    g = {n: torch.randn_like(p) for n, p in lora_parameters(ctx.model).items()}
+    _check_projected(sa, g, _backward_through_hooks(ctx.model, hooks, None, g))
+
+
+def _run_gates(sa, ctx):
+    """Drive the gates as the pipeline does: gate(0), [phase, gate(r)]*."""
+    phases, r = [], 0
+    while True:
+        g = sa.gate(ctx, r)
+        if g.phase is None:
+            return g, phases
+        phases.append(g.phase)
+        r += 1
 
 
 @pytest.mark.parametrize("s_t, triggered", [(0.76, False), (0.7599, True), (0.9, False), (0.1, True)])
@@ -130,16 +159,17 @@ def test_gate_fires_exactly_below_threshold(tok, s_t, triggered):
     sa.s0 = 0.8  # threshold (1 - 0.05) * 0.8 = 0.76
     sa.ssi_log.append({})
     probes = iter([s_t, s_t, s_t])
-    calls = []
     ctx.probe_safety = lambda: next(probes)
-    ctx.train = lambda examples, tcfg, hooks, tag: calls.append((len(examples), tcfg.lr, type(hooks).__name__))
     ctx.domain, ctx.step, ctx.domain_train = "medical", 1, CALIB
+    last, phases = _run_gates(sa, ctx)
     rec = sa.after_domain(ctx)["csm"]
     assert rec["threshold"] == pytest.approx(0.76)
     assert rec["triggered"] is triggered
-    assert rec["rounds"] == (2 if triggered else 0) == len(calls)  # stays low -> R rounds
+    assert rec["rounds"] == (2 if triggered else 0) == len(phases)  # stays low -> R rounds
+    assert last.record["replay"] is False
     if triggered:
-        assert calls[0][1] == sa.cfg.replay_lr and calls[0][2] == "_Replay"
+        assert phases[0].cfg.lr == sa.cfg.replay_lr and phases[0].hooks == "replay"
+        assert len(phases[0].examples) == sa.cfg.replay_steps * sa.cfg.replay_batch
 
 
 def test_replay_stops_once_safety_recovers(tok):
@@ -149,7 +179,24 @@ def test_replay_stops_once_safety_recovers(tok):
     sa.ssi_log.append({})
     probes = iter([0.5, 0.8, 0.97, 0.2])
     ctx.probe_safety = lambda: next(probes)
-    ctx.train = lambda *a, **k: None
     ctx.domain, ctx.step, ctx.domain_train = "legal", 2, CALIB
+    _, phases = _run_gates(sa, ctx)
     rec = sa.after_domain(ctx)["csm"]
-    assert rec["rounds"] == 2 and rec["s_after"] == 0.97
+    assert rec["rounds"] == 2 == len(phases) and rec["s_after"] == 0.97
+
+
+def test_state_round_trip_reproduces_projection(tok):
+    ctx, sa = make_ctx(tok, lam=1.0)
+    sa.setup(ctx)
+    _move_B(ctx.model)
+    sa.before_domain(ctx)
+    from safeanchor.pipeline.store import pack_state, unpack_state
+
+    fresh = SafeAnchor(sa.cfg)
+    fresh.load_state_dict(unpack_state(*pack_state(sa.state_dict())))
+    g = {n: torch.randn_like(p) for n, p in lora_parameters(ctx.model).items()}
+    a = _backward_through_hooks(ctx.model, sa.phase_hooks(ctx, "replay"), None, g)
+    b = _backward_through_hooks(ctx.model, fresh.phase_hooks(ctx, "replay"), None, g)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n])
+    assert fresh.alpha == sa.alpha and fresh.ssi_log == sa.ssi_log
