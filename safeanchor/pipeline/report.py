@@ -1,0 +1,72 @@
+"""Compare runs: summary.json files -> one mean ± std row per method (markdown)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    ("safety_0", "safety before", lambda s: s["safety"][0]),
+    ("safety", "safety after", lambda s: s["safety"][-1]),
+    ("retention", "retention", lambda s: s["retention"]),
+    ("domain_plastic", "domain_plastic", lambda s: s["domain_plastic"]),
+    ("domain_mean_final", "domain_mean_final", lambda s: s["domain_mean_final"]),
+    ("general_kept", "general kept", lambda s: s["general"][-1] / s["general"][0] if s["general"][0] else math.nan),
+    ("helpful_kept", "helpful kept", lambda s: s["helpful"][-1] / s["helpful"][0] if s["helpful"][0] else math.nan),
+    ("over_refusal", "over_refusal after", lambda s: s["over_refusal"][-1]),
+    ("extra_kept", "extra files kept", lambda s: _extra_kept(s)),
+    ("wall_s", "wall s", lambda s: s.get("wall_s", math.nan)),
+)
+
+
+def _extra_kept(s: dict[str, Any]) -> float:
+    vals = [v[-1] / v[0] for v in s.get("extra_eval", {}).values() if v and v[0]]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def load_summaries(paths: list[Path]) -> list[dict[str, Any]]:
+    out = []
+    for p in paths:
+        try:
+            out.append(json.loads(Path(p).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: not a readable summary.json ({e})") from e
+    return out
+
+
+def aggregate(summaries: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """method -> column -> (mean, std, n) over its runs (seeds)."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        by.setdefault(s["method"], []).append(s)
+    table = {}
+    for m, runs in by.items():
+        row = {}
+        for key, _, fn in COLUMNS:
+            xs = [float(fn(s)) for s in runs]
+            xs = [x for x in xs if not math.isnan(x)]
+            mean = statistics.fmean(xs) if xs else math.nan
+            std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+            row[key] = (mean, std, len(runs))
+        table[m] = row
+    return table
+
+
+def markdown(table: dict[str, dict[str, tuple[float, float, int]]], order: list[str] | None = None) -> str:
+    names = order or list(table)
+    head = "| method | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    sep = "|---" * (len(COLUMNS) + 2) + "|"
+    rows = [head, sep]
+    for m in names:
+        if m not in table:
+            continue
+        cells = []
+        for key, _, _ in COLUMNS:
+            mean, std, _ = table[m][key]
+            cells.append("–" if math.isnan(mean) else (f"{mean:.0f}" if key == "wall_s" else f"{mean:.3f} ± {std:.3f}"))
+        n = next(iter(table[m].values()))[2]
+        rows.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
