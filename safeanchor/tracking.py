@@ -179,6 +179,23 @@ class NullTracker:
         pass
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive file lock next to a local SQLite store (no-op for other URIs)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Tracker:
     """Logs one pipeline run to MLflow through an explicit client (no global fluent-API state)."""
 
@@ -195,8 +212,11 @@ class Tracker:
         if self.tracking_uri.startswith("sqlite:///"):
             self.storage.mkdir(parents=True, exist_ok=True)
         try:
-            self.client = MlflowClient(tracking_uri=self.tracking_uri)
-            self.experiment_id = self._experiment()
+            # Several runs sharing one SQLite store (workflows/compare.py --parallel) would race
+            # on MLflow's schema creation/migration: the first use of the store is serialised.
+            with _store_lock(self.tracking_uri):
+                self.client = MlflowClient(tracking_uri=self.tracking_uri)
+                self.experiment_id = self._experiment()
         except MlflowException as e:
             raise ConfigError("tracking.tracking_uri", f"{self.tracking_uri!r}: {e.message}") from None
 

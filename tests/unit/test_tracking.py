@@ -4,6 +4,7 @@ and run status on success / failure (a throwaway SQLite store under tmp_path).""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,21 @@ def test_failure_ends_child_and_parent_failed(tmp_path):
     assert parent.info.status == "FAILED"
     (child,) = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{t.run_id}'")
     assert child.info.status == "FAILED"
+
+
+def _open_store(storage: str) -> str:
+    from safeanchor.tracking import Tracker, TrackingConfig
+
+    t = Tracker(TrackingConfig(), Path(storage))
+    t.start("concurrent", {"a": 1})
+    t.finish({"safety": [1.0]}, Path(storage))
+    return t.run_id
+
+
+def test_parallel_runs_share_a_fresh_sqlite_store(tmp_path):
+    """compare.py --parallel: several processes create the same new store at once (schema race)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(3) as pool:
+        ids = pool.map(_open_store, [str(tmp_path)] * 3)
+    assert len(set(ids)) == 3
