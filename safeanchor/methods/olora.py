@@ -91,7 +91,8 @@ def freeze_copy(model, name: str, trainable: str = TRAINABLE) -> dict[str, torch
 def reinit_adapter(model, seed: int, adapter: str = TRAINABLE) -> None:
     """Fresh LoRA init as peft does it (kaiming-uniform A, B = 0), from `seed`, without touching
     the global RNG stream of the caller."""
-    with torch.random.fork_rng(devices=[]):
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for _, layer in lora_layers(model, adapter):
             layer.reset_lora_parameters(adapter, True)

@@ -16,8 +16,8 @@ Cost choices (a 7B model has 224 targeted modules; C of an MLP up-projection is 
 - C is never formed: C·B = V (Vᵀ B) / ‖V‖_F, O(out·in·r).
 - The cosine uses r×r Gram matrices: with G = A Aᵀ, <X·A, Y·A> = Σ (XᵀY ∘ G), so neither B·A
   nor C·B·A (out×in) is built.
-- V is the cached object (one per module, the size of the module's weight; `cache: false` re-reads
-  it each domain). It depends only on the two checkpoints, so a fresh process recomputes it and
+- V is the cached object (one per module, the size of the module's weight, kept in CPU memory;
+  `cache: false` re-reads it each domain). It depends only on the two checkpoints, so a fresh process recomputes it and
   nothing goes into `state_dict()`.
 - W_base is read tensor by tensor from the base checkpoint's safetensors (no second model in
   memory); a hub id that is not a local directory falls back to loading the model.
@@ -53,7 +53,7 @@ class SafeLoraConfig:
     mode: str = field(default="threshold", metadata={"doc": "'threshold': project every module with cos <= threshold; 'num_layers': project the num_proj_layers modules with the lowest cos"})
     threshold: float = field(default=0.5, metadata={"doc": "cosine threshold of the 'threshold' mode (paper / peft 0.5)"})
     num_proj_layers: int = field(default=10, metadata={"doc": "modules projected in 'num_layers' mode (peft default 10)"})
-    cache: bool = field(default=True, metadata={"doc": "keep V = W_aligned - W_base per module in memory between domains (float32, the size of the targeted weights); false re-reads the base checkpoint each domain"})
+    cache: bool = field(default=True, metadata={"doc": "keep V = W_aligned - W_base per module in CPU memory between domains (float32: 4 bytes per targeted weight, ~26 GB at 7B with all 7 projections); false re-reads the base checkpoint each domain"})
 
     def __post_init__(self) -> None:
         check(self.mode in ("threshold", "num_layers"), "mode", f"must be 'threshold' or 'num_layers', got {self.mode!r}")
@@ -147,9 +147,9 @@ class SafeLora(Method):
 
     def alignment_direction(self, ctx: Context, name: str, layer: Any, base: BaseWeights) -> torch.Tensor:
         """V = W_aligned − W_base of one module, float32, on the module's device."""
-        if name in self._V:
-            return self._V[name]
         w_aligned = layer.get_base_layer().weight.detach()
+        if name in self._V:
+            return self._V[name].to(w_aligned.device)
         w_base = base.get(hf_key(name)).to(device=w_aligned.device)
         if w_base.shape != w_aligned.shape:
             raise ConfigError("model.base", f"{hf_key(name)}: base shape {tuple(w_base.shape)} != "
@@ -158,8 +158,8 @@ class SafeLora(Method):
         if not torch.any(V):
             raise ConfigError("model.base", f"{hf_key(name)} is identical in the aligned and the base model: "
                               "is model.base really the unaligned base of model.name?")
-        if self.cfg.cache:
-            self._V[name] = V
+        if self.cfg.cache:  # in CPU memory: at most one V at a time on the accelerator
+            self._V[name] = V.cpu()
         return V
 
     @torch.no_grad()
