@@ -1,9 +1,10 @@
 """Models: any Hugging Face causal LM (hub id or local path, safetensors only) plus one
 persistent LoRA adapter through peft.
 
-A model reference is a hub id, a local directory, or `toyworld:aligned` / `toyworld:pretrained`
+A model reference is a hub id, a local directory, `toyworld:aligned` / `toyworld:pretrained`
 (the embedded toy world's checkpoints, built and cached on first use; see
-`safeanchor.toyworld`). The same loading code serves all three.
+`safeanchor.toyworld`), or `gguf:<package|file.gguf>` (a GGUF checkpoint converted once to a
+cached safetensors directory; see `safeanchor.models_gguf`). The same loading code serves all.
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ class LoraConfig:
 
 
 def resolve(ref: str, toy_paths: dict[str, Path] | None, key: str) -> str:
-    """Map `toyworld:<name>` to the built toy world's directory; other refs pass through."""
+    """Map `toyworld:<name>` to the built toy world's directory and `gguf:<package|file>` to its
+    cached safetensors conversion (see safeanchor.models_gguf); other refs pass through."""
+    if ref.startswith("gguf:"):
+        from safeanchor.models_gguf import resolve_gguf
+
+        return str(resolve_gguf(ref, key=key))
     if ref.startswith(TOYWORLD_PREFIX):
         name = ref[len(TOYWORLD_PREFIX) :]
         if toy_paths is None or name not in toy_paths:
