@@ -32,7 +32,9 @@ A train phase, in whatever process runs it (the driver, or every Ray Train worke
                        gradient (p.grad of every trainable tensor); engines that shard
                        gradients (ZeRO >= 1) refuse methods with `needs_full_grad = True`
                clip ; optimizer step
-    after the phase: method.phase_state(hooks) is merged back (counters, statistics)
+    after the phase: in-process, the hooks have updated the method itself (hooks objects keep
+    their counters ON the method); on Ray Train, rank 0's method.state_dict() replaces the
+    driver's. So anything a phase changes that matters later belongs in state_dict().
 
 The pipeline and the training loop never ask which method runs. A method that needs a new
 hook adds it here, for every method.
@@ -104,11 +106,12 @@ class Method:
     needs_full_grad = False  # True if after_backward needs the full reduced gradient
 
     # ---- run and domain level (driver) ---------------------------------------------------
-    def setup(self, ctx: Context) -> None:
-        """Once, before the step-0 evaluation (e.g. Vaccine's re-alignment via ctx.train)."""
+    def setup(self, ctx: Context) -> dict[str, Any] | None:
+        """Once, before the step-0 evaluation (e.g. Vaccine's re-alignment via ctx.train);
+        may return JSON-able facts (recorded in the setup step and summary.json)."""
 
-    def before_domain(self, ctx: Context) -> None:
-        """Before training on ctx.domain."""
+    def before_domain(self, ctx: Context) -> dict[str, Any] | None:
+        """Before training on ctx.domain; may return JSON-able facts (recorded in the step)."""
 
     def training_examples(self, ctx: Context, examples: list[ChatExample]) -> list[ChatExample]:
         """The examples the domain is trained on (default: the domain's own)."""
@@ -132,10 +135,6 @@ class Method:
         if phase != "domain":
             raise ValueError(f"method {self.name!r} has no training phase {phase!r}")
         return self
-
-    def phase_state(self, hooks: Any) -> dict[str, Any]:
-        """State changed by a phase's hooks, merged back with load_state_dict (default none)."""
-        return {}
 
     # ---- StepHooks (the "domain" phase) ---------------------------------------------------
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor:

@@ -123,13 +123,18 @@ class PreparedRun:
     extras: list[str]
 
 
-def prepare_run(cfg: RunConfig, log=print, resume: bool = False) -> PreparedRun:
-    """Validate inputs, build/load the toy world if referenced, load data, model and adapter."""
+def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = False) -> PreparedRun:
+    """Validate inputs, build/load the toy world if referenced, load data, model and adapter.
+
+    worker=True: in a training worker (safeanchor.pipeline.remote): the same loading, but the
+    run directory is neither checked nor written."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Cheap validation first: bad files or options fail before anything is built or written.
     run_dir = Path(cfg.storage) / cfg.resolved_run_id()
-    if resume and not (run_dir / "config.yaml").is_file():
+    if worker:
+        pass
+    elif resume and not (run_dir / "config.yaml").is_file():
         raise ConfigError("run_id", f"nothing to resume: {run_dir / 'config.yaml'} does not exist")
     if not resume and (run_dir / "steps").exists():
         raise ConfigError("run_id", f"{run_dir} already holds a run: continue it with --resume "
@@ -173,10 +178,11 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False) -> PreparedRun:
     model = add_lora(load_model(ref, cfg.model), cfg.lora, cfg.seed)
     base_ref = resolve(cfg.model.base, toy_paths, "model.base") if cfg.model.base else None
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        save_config(cfg, run_dir / "config.yaml")
-    log(f"[run] {cfg.resolved_run_id()} -> {run_dir}")
+    if not worker:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            save_config(cfg, run_dir / "config.yaml")
+        log(f"[run] {cfg.resolved_run_id()} -> {run_dir}")
 
     ctx = Context(
         model=model, tokenizer=tokenizer, run_cfg=cfg, safety_calib=calib, safety_probe=probe,
