@@ -1,0 +1,115 @@
+"""SSI on Ray: 2 shard tasks (per-example gradients -> thin SVD factors) and 2 merge tasks equal
+`fisher_subspace` on the whole single-process gradient matrix: eigenvalues, traces, and subspaces.
+
+Subspaces are compared by the projector distance without forming n x n matrices:
+‖V1V1ᵀ − V2V2ᵀ‖²_F = ‖V1ᵀV1‖²_F + ‖V2ᵀV2‖²_F − 2‖V1ᵀV2‖²_F (= k1 + k2 − 2‖V1ᵀV2‖²_F for
+orthonormal V1 (n, k1), V2 (n, k2); the first form does not need exact orthonormality).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from safeanchor.data import collate, encode_dataset
+from safeanchor.distributed import ClusterConfig
+from safeanchor.distributed.ssi import (
+    SSIJob,
+    identify_subspaces,
+    merge_block,
+    shard_bounds,
+    shard_factors,
+)
+from safeanchor.distributed.testing import TinyArgs, build_tiny, tiny_examples
+from safeanchor.subspace.fisher import fisher_subspace, safety_gradients
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+BUILDER = "safeanchor.distributed.testing:build_tiny"
+N_CALIB = 13  # shards of 7 and 6 examples: a per-shard 1/N_s scaling would be caught
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only; the product keeps token auth
+    ray.init(num_cpus=2)
+    yield ray
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = old
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return tiny_examples(N_CALIB, seed=5)
+
+
+@pytest.fixture(scope="module")
+def full_grads(calib):
+    """name -> (N, n): the single-process per-example gradient matrix."""
+    s = build_tiny(TinyArgs())
+    batch = collate(encode_dataset(s.tokenizer, calib, 96), s.tokenizer.pad_token_id)
+    return {n: g.reshape(N_CALIB, -1) for n, g in safety_gradients(s.model, batch).items()}
+
+
+def projector_distance(V1: torch.Tensor, V2: torch.Tensor) -> float:
+    """‖V1V1ᵀ − V2V2ᵀ‖_F from k×k products only. ‖VVᵀ‖²_F = ‖VᵀV‖²_F holds for any V, so this
+    is exact for the float32 V's as stored (using k for ‖VᵀV‖² would add their rounding)."""
+    V1, V2 = V1.double(), V2.double()
+    d2 = (V1.T @ V1).pow(2).sum() + (V2.T @ V2).pow(2).sum() - 2 * (V1.T @ V2).pow(2).sum()
+    return float(d2.clamp(min=0).sqrt())
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        g, w = got[name], want[name]
+        assert g.k == w.k, name
+        assert g.trace == pytest.approx(w.trace, rel=1e-9)
+        torch.testing.assert_close(g.lam, w.lam, rtol=1e-5, atol=1e-9 * max(w.trace, 1e-30))
+        assert projector_distance(g.V, w.V) < 1e-4, name
+
+
+def test_shard_sends_factors_not_gradients(full_grads, calib):
+    """A shard's (S, Vh) reproduce GᵀG of its examples; Vh has orthonormal rows; the merge of
+    the shards' factors equals fisher_subspace of the stacked gradients (in-process)."""
+    s = build_tiny(TinyArgs())
+    parts = [shard_factors(s.model, s.tokenizer, calib[lo:hi], 96, 16, blocks=2)
+             for lo, hi in shard_bounds(N_CALIB, 2)]
+    assert [p[0]["N"] for p in parts] == [7, 6] and len(parts[0]) == 2
+    name = next(iter(parts[0][0]["tensors"]))
+    S, Vh, sq = parts[0][0]["tensors"][name]
+    assert Vh.shape[0] == S.shape[0] == 7  # r = min(N_s, n) rows, not one per example of the set
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(7, dtype=Vh.dtype), atol=1e-10, rtol=0)
+    G = full_grads[name][:7].double()
+    torch.testing.assert_close(Vh.T @ torch.diag(S**2) @ Vh, G.T @ G, atol=1e-12, rtol=1e-8)
+    assert sq == pytest.approx(float((G * G).sum()), rel=1e-12)
+    merged = {}
+    for b in range(2):
+        merged.update(merge_block([p[b] for p in parts], rho=0.9, k_max=8))
+    want = {n: fisher_subspace(full_grads[n], rho=0.9, k_max=8) for n in full_grads}
+    assert_same({n: merged[n] for n in want}, want)
+
+
+@pytest.mark.parametrize("rho,k_max,k_fixed", [(0.9, 8, None), (None, 64, 13)], ids=["rho0.9", "all13"])
+def test_ray_ssi_equals_fisher_subspace(ray_cluster, full_grads, calib, rho, k_max, k_fixed):
+    """2 shard tasks x 2 merge tasks on Ray == fisher_subspace on the full gradient matrix."""
+    job = SSIJob(BUILDER, TinyArgs(), calib)
+    t0 = time.perf_counter()
+    got = identify_subspaces(job, ClusterConfig(ssi_workers=2, ssi_blocks=2), rho, k_max, k_fixed)
+    print(f"\n[timings] ray ssi {rho=} {k_fixed=}: {time.perf_counter() - t0:.1f}s")
+    want = {n: fisher_subspace(G, rho, k_max, k_fixed) for n, G in full_grads.items()}
+    assert_same(got, want)
+    ks = [s.k for s in want.values()]
+    assert min(ks) >= 2 and all(s.trace > 0 for s in want.values())  # non-trivial subspaces
+    if k_fixed is not None:  # every eigenpair: the whole row space of G, λ summing to the trace
+        for s in got.values():
+            assert float(s.lam.double().sum()) == pytest.approx(s.trace, rel=1e-5)
