@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from safeanchor.config import ConfigError, apply_overrides, check, from_dict, load_yaml
+from safeanchor.distributed.config import ClusterConfig
 from safeanchor.evaluation import EvalConfig
 from safeanchor.models import LoraConfig, ModelConfig
 from safeanchor.toyworld.build import ToyWorldConfig
@@ -74,6 +75,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "generation and judging"})
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig, metadata={"doc": "the embedded toy world (used by toyworld: references)"})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"doc": "MLflow tracking (parent run + one child run per domain)"})
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={"doc": "where steps run: Ray, Train workers, DeepSpeed"})
 
     def __post_init__(self) -> None:
         check(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
