@@ -118,17 +118,23 @@ class SafeAnchor(Method):
         self._safety_i = 0
 
     # ---- SSI ------------------------------------------------------------------------
-    def _calib_batch(self, ctx: Context) -> dict[str, torch.Tensor]:
+    def _calib_examples(self, ctx: Context) -> list:
         ex = ctx.safety_calib
         if not ex:
             raise ValueError("data.safety_calib: empty calibration set (SafeAnchor needs safe responses)")
         if self.cfg.calib_size and len(ex) > self.cfg.calib_size:
             ex = random.Random(ctx.run_cfg.seed).sample(ex, self.cfg.calib_size)
-        feats = encode_dataset(ctx.tokenizer, ex, ctx.run_cfg.train.max_length)
+        return ex
+
+    def _calib_batch(self, ctx: Context) -> dict[str, torch.Tensor]:
+        feats = encode_dataset(ctx.tokenizer, self._calib_examples(ctx), ctx.run_cfg.train.max_length)
         return collate(feats, ctx.tokenizer.pad_token_id)
 
     def identify(self, ctx: Context) -> dict[str, Subspace]:
         """Fresh per-tensor subspaces at the current model (no merge)."""
+        if ctx.fisher_subspaces is not None:  # the pipeline's service (Ray tasks or in-process)
+            return ctx.fisher_subspaces(self._calib_examples(ctx), self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed,
+                                        self.cfg.grad_chunk, ctx.run_cfg.train.max_length)
         batch = self._calib_batch(ctx)
         G = safety_gradients(ctx.model, batch, chunk=self.cfg.grad_chunk)
         n = batch["input_ids"].shape[0]

@@ -9,6 +9,7 @@ back as bytes (safetensors / JSON), which the driver loads into its live model.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from safeanchor.config import from_dict, to_dict
@@ -19,22 +20,39 @@ from safeanchor.pipeline.store import adapter_bytes, load_adapter_bytes, pack_st
 def phase_job_args(cfg, model, method, phase: TrainPhase) -> dict[str, Any]:
     from safeanchor.pipeline.sequential import phase_to_json
 
+    return {**model_job_args(cfg, model, method), "phase": phase_to_json(phase)}
+
+
+def model_job_args(cfg, model, method) -> dict[str, Any]:
     tensors, tree = pack_state(method.state_dict())
-    return {"cfg": to_dict(cfg), "adapter": adapter_bytes(model), "state": (tensors, tree),
-            "phase": phase_to_json(phase)}
+    return {"cfg": to_dict(cfg), "adapter": adapter_bytes(model), "state": (tensors, tree)}
+
+
+def _load(args: dict[str, Any]):
+    """The driver's run, model and method as they are now, rebuilt in this process."""
+    from safeanchor.pipeline.config import RunConfig
+    from safeanchor.pipeline.sequential import prepare_run
+
+    cfg = from_dict(RunConfig, args["cfg"])
+    run = prepare_run(cfg, log=lambda *_: None, worker=True)
+    load_adapter_bytes(run.ctx.model, args["adapter"])
+    run.method.load_state_dict(unpack_state(*args["state"]))
+    run.method.attach(run.ctx)
+    return run
+
+
+def build_model(args: dict[str, Any]):
+    """For SSI shard tasks: an object with .model and .tokenizer at the driver's state."""
+    run = _load(args)
+    return SimpleNamespace(model=run.ctx.model, tokenizer=run.tokenizer)
 
 
 def build_phase(args: dict[str, Any]):
     from safeanchor.distributed.trainer import PhaseSetup
-    from safeanchor.pipeline.config import RunConfig
-    from safeanchor.pipeline.sequential import phase_from_json, prepare_run
+    from safeanchor.pipeline.sequential import phase_from_json
 
-    cfg = from_dict(RunConfig, args["cfg"])
-    run = prepare_run(cfg, log=lambda *_: None, worker=True)
+    run = _load(args)
     model, method, ctx = run.ctx.model, run.method, run.ctx
-    load_adapter_bytes(model, args["adapter"])
-    method.load_state_dict(unpack_state(*args["state"]))
-    method.attach(ctx)
     phase = phase_from_json(args["phase"])
     hooks = method.phase_hooks(ctx, phase.hooks)
 

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,7 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
         pass
     elif resume and not (run_dir / "config.yaml").is_file():
         raise ConfigError("run_id", f"nothing to resume: {run_dir / 'config.yaml'} does not exist")
-    if not resume and (run_dir / "steps").exists():
+    elif not resume and (run_dir / "steps").exists():
         raise ConfigError("run_id", f"{run_dir} already holds a run: continue it with --resume "
                           f"{cfg.resolved_run_id()}, or choose another --run-id / --storage")
     extra_h, extra_b = load_extra_files(cfg.eval)
@@ -245,6 +246,9 @@ class Runner:
         self.store = StepStore(str(run.run_dir / "steps"))
         self.pending: str | None = None  # last finished checkpoint not yet loaded
         self.ctx.train = self.train_phase
+        self.ctx.fisher_subspaces = self.fisher_subspaces
+        self.ray = cfg.cluster.executor == "ray"
+        self.phases = 0
 
     # ---- the step primitive --------------------------------------------------------------
     def step(self, name: str, fn, checkpoint: bool) -> dict[str, Any]:
@@ -276,10 +280,41 @@ class Runner:
 
     # ---- services ------------------------------------------------------------------------
     def train_phase(self, phase: TrainPhase) -> dict[str, Any]:
-        torch.manual_seed(phase.seed)  # dropout etc.: a resumed phase replays identically
-        hooks = self.method.phase_hooks(self.ctx, phase.hooks)
-        return train_examples(self.model, self.tok, phase.examples, phase.cfg, phase.seed, hooks, phase.tag,
-                              self.log)
+        """Train one phase in-process (executor local) or on Ray Train workers (executor ray)."""
+        if not self.ray:
+            torch.manual_seed(phase.seed)  # dropout etc.: a resumed phase replays identically
+            hooks = self.method.phase_hooks(self.ctx, phase.hooks)
+            return train_examples(self.model, self.tok, phase.examples, phase.cfg, phase.seed, hooks, phase.tag,
+                                  self.log)
+        from safeanchor.distributed.trainer import PhaseJob, fit_phase
+        from safeanchor.pipeline.remote import phase_job_args
+
+        self.phases += 1
+        job = PhaseJob("safeanchor.pipeline.remote:build_phase", phase_job_args(self.cfg, self.model, self.method, phase))
+        name = f"{self.cfg.resolved_run_id()}-{self.ctx.step:02d}-{phase.hooks}-{self.phases}-{uuid.uuid4().hex[:6]}"
+        out = fit_phase(job, self.cfg.cluster, storage_path=str((self.run_.run_dir / "ray").resolve()), name=name,
+                        log=self.log)
+        load_adapter_bytes(self.model, out["adapter"])
+        self.method.load_state_dict(unpack_state(*out["state"]))
+        self.method.attach(self.ctx)
+        return out["stats"]
+
+    def fisher_subspaces(self, examples, rho, k_max, k_fixed, chunk, max_length) -> dict:
+        """SSI at the live model: Ray tasks (shards + per-block merges) or in-process."""
+        if not self.ray:
+            from safeanchor.data import collate, encode_dataset
+            from safeanchor.subspace.fisher import fisher_subspace, safety_gradients
+
+            batch = collate(encode_dataset(self.tok, examples, max_length), self.tok.pad_token_id)
+            G = safety_gradients(self.model, batch, chunk=chunk)
+            n = len(examples)
+            return {name: fisher_subspace(g.reshape(n, -1), rho, k_max, k_fixed) for name, g in G.items()}
+        from safeanchor.distributed.ssi import SSIJob, identify_subspaces
+        from safeanchor.pipeline.remote import model_job_args
+
+        job = SSIJob("safeanchor.pipeline.remote:build_model", model_job_args(self.cfg, self.model, self.method),
+                     list(examples), max_length, chunk)
+        return identify_subspaces(job, self.cfg.cluster, rho, k_max, k_fixed, log=self.log)
 
     def eval_step(self, t: int, label: str) -> dict[str, float]:
         t0 = time.perf_counter()
