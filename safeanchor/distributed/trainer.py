@@ -19,10 +19,11 @@ picklable `args`. EVERY process that trains (each Ray Train worker; the driver i
                  adapter etc. to out_dir and returns small picklable values WITHOUT torch tensors
                  (Ray Train refuses tensors in a worker's return value); that dict becomes
                  fit_phase's result, plus "stats" (the train stats)
-    phase_state  () -> dict: the hooks' phase state (counters, statistics) for checkpoints
-                 (typically `lambda: method.phase_state(hooks)`); None if there is none
-    load_phase_state  (dict) -> None: puts a checkpoint's phase state back into the hooks of a
-                 restarted worker (before its first step); None if there is none
+    phase_state  () -> picklable: the state the hooks change during the phase (counters,
+                 statistics; e.g. the method's packed state_dict()), saved in every checkpoint;
+                 None if there is none
+    load_phase_state  (that value) -> None: puts a checkpoint's phase state back into the hooks
+                 of a restarted worker (before its first step); None if there is none
 
 The builder must be deterministic (same model, hooks and examples in every process), must not
 read state that only the driver has, and must not start training. out_dir must be reachable by
@@ -37,8 +38,9 @@ step s is the single-process batch, each rank trains on its 1/W share. Every
 `checkpoint_every` steps all ranks save the DeepSpeed engine state (trainable tensors, their
 ZeRO optimizer partition, LambdaLR, step, losses, phase state) and report it; ZeRO-1/2 shard
 the optimizer state, so every rank contributes its own files and Ray Train merges them into one
-checkpoint directory. A restarted worker group (FailureConfig) resumes from the latest one with
-the same number of workers. Errors that a restart would only repeat (ConfigError, DataError,
+checkpoint directory; the workers wait until Ray Train has committed it (otherwise a worker
+that dies a few steps later restarts the phase from scratch: measured). A restarted worker
+group (FailureConfig) resumes from the latest one, with the same number of workers. Errors that a restart would only repeat (ConfigError, DataError,
 NonFiniteLoss) are returned by the workers and re-raised here, without restarts.
 
 executor local: the same loop in this process on the plain torch engine (world size 1;
@@ -48,6 +50,8 @@ DeepSpeed runs only in Train workers), which is run_steps exactly; no checkpoint
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import tempfile
 import time
 import uuid
@@ -88,8 +92,8 @@ class PhaseSetup:
     seed: int
     tag: str = "train"
     save: Callable[[Any, Any, str | None], dict] | None = None
-    phase_state: Callable[[], dict] | None = None
-    load_phase_state: Callable[[dict], None] | None = None
+    phase_state: Callable[[], Any] | None = None
+    load_phase_state: Callable[[Any], None] | None = None
 
 
 @dataclass
@@ -121,6 +125,9 @@ def ensure_ray(cluster: ClusterConfig) -> None:
 
     if not ray.is_initialized():
         ray.init(address=cluster.address)
+        # Helper processes Ray Train starts (e.g. its PlacementGroupCleaner) attach with a bare
+        # ray.init(): point them at THIS instance, or they fail when several run on one machine.
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def resolve_use_gpu(cluster: ClusterConfig) -> bool:
@@ -149,8 +156,14 @@ def fit_phase(
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Train one phase; returns setup.save(...)'s dict plus "stats" (run_steps' stats + world_size,
-    resumed_from_step). `name` (default: tag + random suffix) names the Ray Train run under
-    `storage_path`; reusing a name resumes that run's last checkpoint."""
+    resumed_from_step, zero_stage, timing).
+
+    storage_path: where Ray Train keeps the run's checkpoints (a path every node can reach, or a
+    pyarrow URI such as s3://...). name: the Train run's name (default: "phase-" + a random
+    suffix); calling fit_phase again with the name of a run that failed resumes it from its last
+    checkpoint (measured), which lets a restarted driver continue an interrupted phase.
+    log: progress lines of the in-process path (on Ray, rank 0 logs through Ray Train's logger).
+    """
     load_builder(job.builder)  # a typo fails here, not in every worker
     if cluster.executor == "local":
         setup = load_builder(job.builder)(job.args)
@@ -173,7 +186,7 @@ def fit_phase(
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name, storage_path=str(storage_path),
+            name=run_name, storage_path=storage_path if "://" in str(storage_path) else os.path.abspath(storage_path),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cluster.checkpoints_to_keep),
         ),
@@ -275,7 +288,7 @@ def _train_rank(job: PhaseJob, cluster: ClusterConfig, use_gpu: bool, ds: dict |
     if ckpt is not None:
         start, losses = _load(engine, ckpt, setup)
         if rank == 0:
-            print(f"  [{setup.tag}] resumed from the checkpoint of step {start}/{steps}")
+            _worker_log(f"  [{setup.tag}] resumed from the checkpoint of step {start}/{steps}")
 
     def on_step(done: int, losses: list[float]) -> None:
         if cluster.checkpoint_every and done % cluster.checkpoint_every == 0 and done < steps:
@@ -283,7 +296,7 @@ def _train_rank(job: PhaseJob, cluster: ClusterConfig, use_gpu: bool, ds: dict |
 
     stats = run_loop(engine, batches_from(batcher.epoch, len(batcher), start), steps, cfg, setup.hooks,
                      rank=rank, world=world, start_step=start, losses=losses, on_step=on_step,
-                     log=print if rank == 0 else None, tag=setup.tag)
+                     log=_worker_log if rank == 0 else None, tag=setup.tag)
     stats["zero_stage"] = None if ds is None else engine.stage
     with _gathered(engine):  # collective under ZeRO-3: every rank enters
         saved = setup.save(engine.module, setup.hooks, job.out_dir) if rank == 0 and setup.save else {}
@@ -291,6 +304,12 @@ def _train_rank(job: PhaseJob, cluster: ClusterConfig, use_gpu: bool, ds: dict |
     stats["timing"] = {"worker_start": t_start, "build_s": t_built - t_start, "engine_s": t_engine - t_built,
                        "end": time.time()}
     return {"result": _result(saved, stats)} if rank == 0 else {}
+
+
+def _worker_log(msg: str) -> None:
+    # Ray Train patches print() in workers to tee into its logger, which shows every line twice
+    # on the driver; its logger alone shows it once.
+    logging.getLogger().info(msg)
 
 
 def _gathered(engine: Any):
