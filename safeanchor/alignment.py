@@ -277,6 +277,12 @@ def align_model(
     answers = own_answers(model, tokenizer, [b.prompt for b in benign], cfg.answer_tokens, cfg.answer_batch_size,
                           base / "answers" / f"{answers_key[:16]}.jsonl", log)
     answered = answered_examples(benign, answers)
+    if benign and not answered:  # training on refusals alone teaches the model to refuse everything
+        raise ConfigError("align.answer_tokens", f"none of the {len(benign)} benign prompts got a usable own answer "
+                          f"in {cfg.answer_tokens} tokens (each was cut mid-sentence); raise it")
+    if len(answered) < len(benign) / 2:
+        say(f"[align] warning: only {len(answered)}/{len(benign)} own answers usable (most hit the "
+            f"{cfg.answer_tokens}-token limit mid-sentence); consider a larger align.answer_tokens")
     refused = refusal_examples(harmful, cfg.refusals, cfg.seed)
     mix = mixture(refused, answered, cfg.benign_fraction, cfg.seed)
     say(f"[align] mixture: {len(refused)} refusals + {len(mix) - len(refused)} own answers "

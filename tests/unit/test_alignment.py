@@ -169,6 +169,15 @@ def test_cache_key_follows_inputs_and_answers_are_reused(world, tmp_path, monkey
     assert len({a.model_dir, b.model_dir, c.model_dir}) == 3
 
 
+def test_no_usable_own_answer_is_an_error_naming_the_key(world, tmp_path):
+    base, data = world
+    tok = load_tokenizer(str(base))
+    # 4 tokens cannot hold "Sure. Here is a helpful answer.": every answer is cut to nothing.
+    with pytest.raises(ConfigError, match=r"align\.answer_tokens"):
+        al.align_model(base, tok, data["harmful"], data["benign"], _cfg(answer_tokens=4), cache_dir=tmp_path, log=None)
+    assert not any(p.name.startswith("tiny-base-aligned") for p in tmp_path.iterdir())
+
+
 def test_full_fine_tuning_mode_changes_every_weight_kind(world, tmp_path):
     base, data = world
     harmful, benign = _sets(data)
