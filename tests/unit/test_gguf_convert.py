@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf", reason="the `gguf` package (extra: smollm) reads GGUF files")
-
-from safeanchor.config import ConfigError  # noqa: E402
-from safeanchor.models import ModelConfig, load_model, load_tokenizer, resolve  # noqa: E402
-from safeanchor.models_gguf import DONE_FILE, convert_gguf, find_gguf, resolve_gguf  # noqa: E402
-from safeanchor.toyworld.tokenizer import SPECIAL_TOKENS, build_tokenizer  # noqa: E402
+from safeanchor.config import ConfigError
+from safeanchor.models import ModelConfig, load_model, load_tokenizer, resolve
+from safeanchor.models_gguf import DONE_FILE, convert_gguf, find_gguf, resolve_gguf
+from safeanchor.toyworld.tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 TEXTS = [
     "How do I kill a stuck process? Use kill with its PID.",
@@ -35,6 +33,7 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def write_tiny_gguf(path: Path, seed: int = 0):
     """A tiny Llama + tokenizer as GGUF (F32 tensors); returns (model, tokenizer) as written."""
+    import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(TEXTS, vocab_size=320)
@@ -100,6 +99,7 @@ def write_tiny_gguf(path: Path, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    pytest.importorskip("gguf", reason="the `gguf` package (extra: smollm) writes and reads GGUF files")
     d = tmp_path_factory.mktemp("gguf")
     model, tok = write_tiny_gguf(d / "tiny-llama.gguf")
     return d / "tiny-llama.gguf", model, tok
