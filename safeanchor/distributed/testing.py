@@ -51,6 +51,7 @@ class TinyArgs:
     fail_marker: str | None = None  # created when the failure fires; present = do not fail again
     fail_mode: str = "exit"  # exit (os._exit: the worker process dies) | raise
     build_log: str | None = None  # a line is appended per build (counts worker (re)starts)
+    lora_dropout: float = 0.0
 
 
 def tiny_examples(n: int, seed: int) -> list[ChatExample]:
@@ -131,7 +132,7 @@ def build_tiny(args: TinyArgs) -> PhaseSetup:
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
                       pad_token_id=tok.pad_token_id)
-    model = add_lora(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=args.seed)
+    model = add_lora(LlamaForCausalLM(cfg), LoraConfig(r=4, dropout=args.lora_dropout, target_modules=["q_proj", "v_proj"]), seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
     with torch.no_grad():
         for n, p in lora_parameters(model).items():

@@ -36,7 +36,8 @@ gloo on CPU / NCCL on GPU, RunConfig(storage_path, name, FailureConfig(max_failu
 worker runs `safeanchor.distributed.engine.run_loop` on a DeepSpeed engine: the global batch of
 step s is the single-process batch, each rank trains on its 1/W share. Every
 `checkpoint_every` steps all ranks save the DeepSpeed engine state (trainable tensors, their
-ZeRO optimizer partition, LambdaLR, step, losses, phase state) and report it; ZeRO-1/2 shard
+ZeRO optimizer partition, LambdaLR, step, losses, phase state, each rank's RNG state) and
+report it; ZeRO-1/2 shard
 the optimizer state, so every rank contributes its own files and Ray Train merges them into one
 checkpoint directory; the workers wait until Ray Train has committed it (otherwise a worker
 that dies a few steps later restarts the phase from scratch: measured). A restarted worker
@@ -283,16 +284,19 @@ def _train_rank(job: PhaseJob, cluster: ClusterConfig, use_gpu: bool, ds: dict |
                                      engine_config(ds, cfg.batch_size, world, cfg.grad_clip, bf16), use_gpu)
 
     t_engine = time.time()
+    # Dropout etc.: a seeded stream per rank (each rank draws its own masks, as DDP does); its
+    # state travels in checkpoints, so a restarted phase draws what the interrupted one would have.
+    torch.manual_seed(setup.seed * 1_000_003 + rank)
     start, losses = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        start, losses = _load(engine, ckpt, setup)
+        start, losses = _load(engine, ckpt, setup, rank)
         if rank == 0:
             _worker_log(f"  [{setup.tag}] resumed from the checkpoint of step {start}/{steps}")
 
     def on_step(done: int, losses: list[float]) -> None:
         if cluster.checkpoint_every and done % cluster.checkpoint_every == 0 and done < steps:
-            _save(engine, setup, done, losses)
+            _save(engine, setup, done, losses, rank)
 
     stats = run_loop(engine, batches_from(batcher.epoch, len(batcher), start), steps, cfg, setup.hooks,
                      rank=rank, world=world, start_step=start, losses=losses, on_step=on_step,
@@ -320,13 +324,16 @@ def _gathered(engine: Any):
     return nullcontext()
 
 
-def _save(engine: Any, setup: PhaseSetup, step: int, losses: list[float]) -> None:
+def _save(engine: Any, setup: PhaseSetup, step: int, losses: list[float], rank: int) -> None:
     """Every rank: its part of the engine state; Ray Train merges the parts into one checkpoint."""
     import ray.train
 
     client = {"step": step, "losses": list(losses),
               "phase_state": setup.phase_state() if setup.phase_state is not None else None}
     with tempfile.TemporaryDirectory() as d:
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, f"{d}/rng_rank{rank}.pt")
         if isinstance(engine, DeepSpeedStepEngine):
             engine.engine.save_checkpoint(d, tag=CKPT_TAG, client_state=client, exclude_frozen_parameters=True)
         else:
@@ -340,8 +347,12 @@ def _save(engine: Any, setup: PhaseSetup, step: int, losses: list[float]) -> Non
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
-def _load(engine: Any, ckpt: Any, setup: PhaseSetup) -> tuple[int, list[float]]:
+def _load(engine: Any, ckpt: Any, setup: PhaseSetup, rank: int) -> tuple[int, list[float]]:
     with ckpt.as_directory() as d:
+        rng = torch.load(f"{d}/rng_rank{rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         if isinstance(engine, DeepSpeedStepEngine):
             path, client = engine.engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=False,
                                                          load_optimizer_states=True, load_lr_scheduler_states=True)
