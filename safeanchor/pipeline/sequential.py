@@ -290,9 +290,15 @@ class Runner:
         from safeanchor.pipeline.remote import phase_job_args
 
         self.phases += 1
+        cluster = self.cfg.cluster
+        if self.method.needs_full_grad and cluster.deepspeed.enabled and cluster.deepspeed.zero_stage is None:
+            # after_backward needs the full reduced gradient: ZeRO >= 1 shards it away
+            cluster = replace(cluster, deepspeed=replace(cluster.deepspeed, zero_stage=0))
+            if self.phases == 1:
+                self.log(f"[ray] method {self.cfg.method} transforms the full gradient: DeepSpeed ZeRO stage 0")
         job = PhaseJob("safeanchor.pipeline.remote:build_phase", phase_job_args(self.cfg, self.model, self.method, phase))
         name = f"{self.cfg.resolved_run_id()}-{self.ctx.step:02d}-{phase.hooks}-{self.phases}-{uuid.uuid4().hex[:6]}"
-        out = fit_phase(job, self.cfg.cluster, storage_path=str((self.run_.run_dir / "ray").resolve()), name=name,
+        out = fit_phase(job, cluster, storage_path=str((self.run_.run_dir / "ray").resolve()), name=name,
                         log=self.log)
         load_adapter_bytes(self.model, out["adapter"])
         self.method.load_state_dict(unpack_state(*out["state"]))

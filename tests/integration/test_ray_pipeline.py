@@ -1,0 +1,59 @@
+"""Every registered method through the pipeline on Ray (Train workers + DeepSpeed, SSI tasks).
+
+Two training steps per method on the tiny preset, 2 Train workers on one shared Ray instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "workflows"))
+import sequential  # noqa: E402  (workflows/sequential.py)
+
+from safeanchor.methods import METHODS  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+TINY = str(ROOT / "workflows" / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    import ray
+
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only; the product keeps token auth
+    ray.init(num_cpus=2)
+    yield ray
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = old
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("toycache")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_runs_two_steps_on_ray(method, ray_instance, cache, tmp_path):
+    storage = tmp_path / "runs"
+    argv = ["--config", TINY, "--storage", str(storage), "--method", method, "--order", "medical",
+            "--set", f"toyworld.cache_dir={cache}", "--set", "tracking.enabled=false",
+            "--set", "cluster.executor=ray", "--set", "cluster.num_workers=2", "--set", "train.max_steps=2",
+            "--set", "methods.safeanchor.replay_steps=2", "--set", "methods.vaccine.max_steps=2",
+            "--set", "methods.ewc.fisher_samples=8"]
+    assert sequential.main(argv) == 0
+    run = next(p for p in storage.iterdir() if (p / "summary.json").exists())
+    s = json.loads((run / "summary.json").read_text())
+    assert s["method"] == method and len(s["safety"]) == 2
+    train = s["steps"][0]["train"]
+    assert train["steps"] == 2 and train["world_size"] == 2  # trained by 2 Ray Train workers
+    assert (run / "ray").is_dir()  # Ray Train's storage for the phase runs
