@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safeanchor.alignment import AlignConfig
 from safeanchor.config import ConfigError, apply_overrides, check, from_dict, load_yaml
 from safeanchor.distributed.config import ClusterConfig
 from safeanchor.evaluation import EvalConfig
@@ -74,6 +75,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=_domain_train, metadata={"doc": "optimisation per domain"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "generation and judging"})
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig, metadata={"doc": "the embedded toy world (used by toyworld: references)"})
+    align: AlignConfig = field(default_factory=AlignConfig, metadata={"doc": "safety-align model.name first (a model that is not aligned yet); the result is the step-0 model, cached"})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"doc": "MLflow tracking (parent run + one child run per domain)"})
     cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={"doc": "where steps run: Ray, Train workers, DeepSpeed"})
 

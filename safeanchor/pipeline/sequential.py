@@ -44,10 +44,15 @@ CORE_METRICS = ("safety", "over_refusal", "helpful", "general")
 class Sources:
     """Resolves data references: `toyworld:<part>` from the built toy world, else files / hf ids."""
 
-    def __init__(self, world) -> None:
+    def __init__(self, world, aligned=None) -> None:
         self.world = world
+        self.aligned = aligned
 
     def load(self, ref: str, key: str, require_response: bool = True) -> list[ChatExample]:
+        if ref == "align:calib":  # the alignment stage's calibration set (its own safe answers)
+            if self.aligned is None or self.aligned.calib_file is None:
+                raise ConfigError(key, "'align:calib' needs the alignment stage (align.enabled: true)")
+            return load_examples(str(self.aligned.calib_file), require_response=require_response)
         if not ref.startswith("toyworld:"):
             return load_examples(ref, require_response=require_response)
         if self.world is None:
@@ -151,7 +156,12 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
 
         world = build(cfg.toyworld, log=log)
         toy_paths = {"aligned": world.aligned_dir, "pretrained": world.pretrained_dir, "tokenizer": world.tokenizer_dir}
-    src = Sources(world)
+    aligned = None
+    if cfg.align.enabled:  # a model that is not aligned yet: align it once (cached) -> step-0 model
+        from safeanchor.alignment import run_alignment
+
+        aligned = run_alignment(cfg.align, resolve(cfg.model.name, toy_paths, "model.name"), log=log)
+    src = Sources(world, aligned)
 
     # --- data (all loaded and validated before any training) -------------------------
     rng = random.Random(cfg.seed)
@@ -173,9 +183,9 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
     probe = src.load(cfg.data.safety_probe, "data.safety_probe", require_response=False)
 
     # --- model + persistent adapter ----------------------------------------------------
-    ref = resolve(cfg.model.name, toy_paths, "model.name")
-    tokenizer = load_tokenizer(resolve(cfg.model.tokenizer or cfg.model.name, toy_paths, "model.tokenizer"),
-                               cfg.model.trust_remote_code)
+    ref = str(aligned.model_dir) if aligned is not None else resolve(cfg.model.name, toy_paths, "model.name")
+    tok_ref = cfg.model.tokenizer or (ref if aligned is not None else cfg.model.name)
+    tokenizer = load_tokenizer(resolve(tok_ref, toy_paths, "model.tokenizer"), cfg.model.trust_remote_code)
     model = add_lora(load_model(ref, cfg.model), cfg.lora, cfg.seed)
     base_ref = resolve(cfg.model.base, toy_paths, "model.base") if cfg.model.base else None
 

@@ -70,3 +70,21 @@ def test_safeanchor_pipeline_records_ssi_and_csm(tmp_path, cache):
     assert set(csm) >= {"s_t", "s_0", "threshold", "triggered", "rounds", "s_after"}
     assert csm["threshold"] == pytest.approx(0.0)  # tau = 1 -> threshold 0: never triggered
     assert csm["triggered"] is False and csm["rounds"] == 0
+
+
+def test_alignment_stage_makes_the_step0_model(tmp_path, cache):
+    """align.enabled: the unaligned model is aligned first (cached) and is what step 0 measures;
+    `align:calib` is the stage's own calibration set."""
+    align_cache = tmp_path / "aligned"
+    args = ("--method", "safeanchor", "--order", "medical", "--set", "model.name=toyworld:pretrained",
+            "--set", "align.enabled=true", "--set", "align.train.max_steps=3", "--set", "align.train.max_length=256",
+            "--set", "align.answer_tokens=8",
+            "--set", f"align.cache_dir={align_cache}", "--set", "data.safety_calib=align:calib",
+            "--set", "train.max_steps=2", "--set", "train.max_length=256",
+            "--set", "methods.safeanchor.replay_steps=2")
+    run = _run(tmp_path, cache, *args)
+    s = json.loads((run / "summary.json").read_text())
+    assert len(s["safety"]) == 2
+    models = [p for p in align_cache.rglob("config.json")]
+    assert models, "no aligned model was written"
+    assert (run / "steps" / "01-medical" / "91-eval" / "_COMPLETE").exists()
