@@ -119,6 +119,7 @@ class ClusterConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"doc": "CPUs reserved by each Train worker and SSI task"})
     gpus_per_worker: float = field(default=1.0, metadata={"doc": "GPUs per Train worker / SSI task when GPUs are used"})
     resources_per_worker: dict[str, float] = field(default_factory=dict, metadata={"doc": "extra Ray custom resources per Train worker"})
+    placement_strategy: str = field(default="PACK", metadata={"doc": "Train workers' placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one worker per node)"})
     torch_threads_per_worker: int | None = field(default=None, metadata={"doc": "torch intra-op threads in a worker (null: max(1, cpus_per_worker))"})
     max_failures: int = field(default=2, metadata={"doc": "worker-group restarts per phase (Ray Train FailureConfig; -1 = unlimited)"})
     checkpoint_every: int = field(default=0, metadata={"doc": "optimizer steps between Train checkpoints a restarted phase resumes from (0 = none)"})
@@ -128,6 +129,8 @@ class ClusterConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, metadata={"doc": "the DeepSpeed engine of each Train worker"})
 
     def __post_init__(self) -> None:
+        check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "placement_strategy",
+              f"must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
         check(self.executor in ("ray", "local"), "executor", f"must be ray or local, got {self.executor!r}")
         check(self.num_workers >= 1, "num_workers", "must be >= 1")
         check(self.use_gpu in ("auto", True, False), "use_gpu", f"must be auto, true or false, got {self.use_gpu!r}")

@@ -212,8 +212,9 @@ def run_loop(
                 gh.finish()
             elif gh.extra:
                 raise RuntimeError(f"{tag}: unprojected gradients of {sorted(gh.extra)} were not applied")
-            if hooks is not None:
-                hooks.after_backward(model, batch)
+            after = getattr(hooks, "after_backward", None)  # optional, as in run_steps
+            if after is not None:
+                after(model, batch)
             engine.step()
             losses.append(task_value)
             if log is not None and rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):

@@ -185,7 +185,8 @@ def fit_phase(
         train_loop_config={"job": job, "cluster": cluster, "use_gpu": use_gpu, "ds": ds},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=cluster.placement_strategy),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path if "://" in str(storage_path) else os.path.abspath(storage_path),
             failure_config=FailureConfig(max_failures=cluster.max_failures),

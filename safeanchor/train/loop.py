@@ -198,8 +198,9 @@ def run_steps(
                 raise NonFiniteLoss(f"{tag}: non-finite loss {loss.item()} at step {step}; stopping")
             loss.backward()
             gh.finish()
-            if hooks is not None:
-                hooks.after_backward(model, batch)
+            after = getattr(hooks, "after_backward", None)  # optional, like the other hooks
+            if after is not None:
+                after(model, batch)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()

@@ -141,6 +141,22 @@ def test_replay_step_is_projected(tok):
     _check_projected(sa, g, _backward_through_hooks(ctx.model, hooks, None, g))
 
 
+def test_replay_phase_runs_in_the_training_loop(tok):
+    """The replay hooks are complete StepHooks: two real loop steps, projected, with L_safe."""
+    from safeanchor.train.loop import TrainConfig, train_examples
+
+    ctx, sa = make_ctx(tok, lam=1.0, anchor=False)
+    sa.setup(ctx)
+    _move_B(ctx.model)
+    sa.before_domain(ctx)
+    hooks = sa.phase_hooks(ctx, "replay")
+    before = {n: p.detach().clone() for n, p in lora_parameters(ctx.model).items()}
+    stats = train_examples(ctx.model, tok, CALIB, TrainConfig(max_steps=2, batch_size=2, max_length=32), 0,
+                           hooks=hooks, log=None)
+    assert stats["steps"] == 2 and sa._safety_i == 2  # one safety batch per step
+    assert any(not torch.equal(before[n], p) for n, p in lora_parameters(ctx.model).items())
+
+
 def _run_gates(sa, ctx):
     """Drive the gates as the pipeline does: gate(0), [phase, gate(r)]*."""
     phases, r = [], 0
