@@ -48,7 +48,7 @@ def test_method_runs_two_steps_on_ray(method, ray_instance, cache, tmp_path):
     argv = ["--config", TINY, "--storage", str(storage), "--method", method, "--order", "medical",
             "--set", f"toyworld.cache_dir={cache}", "--set", "tracking.enabled=false",
             "--set", "cluster.executor=ray", "--set", "cluster.num_workers=2", "--set", "train.max_steps=2",
-            "--set", "methods.safeanchor.replay_steps=2", "--set", "methods.vaccine.max_steps=2",
+            "--set", "methods.safeanchor.replay_steps=2", "--set", "methods.vaccine.max_steps=2", "--set", "methods.vaccine.batch_size=4",
             "--set", "methods.ewc.fisher_samples=8"]
     assert sequential.main(argv) == 0
     run = next(p for p in storage.iterdir() if (p / "summary.json").exists())
