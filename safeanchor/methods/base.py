@@ -107,6 +107,7 @@ class Method:
 
     name = "base"
     needs_full_grad = False  # True if after_backward needs the full reduced gradient
+    in_process_phases: tuple[str, ...] = ()  # phases that cannot run on a DeepSpeed engine
 
     # ---- run and domain level (driver) ---------------------------------------------------
     def setup(self, ctx: Context) -> dict[str, Any] | None:

@@ -169,6 +169,13 @@ class VaccineStep:
 
 @register_method("vaccine", VaccineConfig)
 class Vaccine(Method):
+    # The "vaccine" phase's first pass differentiates w.r.t. block OUTPUTS (torch.autograd.grad).
+    # DeepSpeed 0.19's engine rejects that extra backward in every ZeRO stage (measured: stage 2
+    # corrupts its reduction buckets, stage 0 raises "Direct calls to tensor.backward() are not
+    # supported"), so that phase trains in the driver process; the domain phases (plain LoRA)
+    # run on Ray Train as usual.
+    in_process_phases = ("vaccine",)
+
     def __init__(self, cfg: VaccineConfig) -> None:
         self.cfg = cfg
         self.aligned = False  # the re-alignment phase has run

@@ -291,7 +291,7 @@ class Runner:
     # ---- services ------------------------------------------------------------------------
     def train_phase(self, phase: TrainPhase) -> dict[str, Any]:
         """Train one phase in-process (executor local) or on Ray Train workers (executor ray)."""
-        if not self.ray:
+        if not self.ray or phase.hooks in self.method.in_process_phases:
             torch.manual_seed(phase.seed)  # dropout etc.: a resumed phase replays identically
             hooks = self.method.phase_hooks(self.ctx, phase.hooks)
             return train_examples(self.model, self.tok, phase.examples, phase.cfg, phase.seed, hooks, phase.tag,
