@@ -88,7 +88,7 @@ class ToyWorldConfig:
         check(0 <= self.align_benign_fraction < 1, "align_benign_fraction", "must be in [0, 1)")
 
     def key(self) -> str:
-        d = to_dict(self)
+        d = _canonical(to_dict(self))
         d.pop("cache_dir")
         d["format"] = FORMAT_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -96,6 +96,18 @@ class ToyWorldConfig:
     def root(self) -> Path:
         base = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         return base / self.key()
+
+
+def _canonical(x):
+    """Integral floats as ints: a config saved to YAML and loaded back (epochs 100 -> 100.0)
+    must hash to the same world, or `--resume` would rebuild it."""
+    if isinstance(x, dict):
+        return {k: _canonical(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_canonical(v) for v in x]
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    return x
 
 
 @dataclass

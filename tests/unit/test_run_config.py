@@ -142,3 +142,18 @@ def test_defaults_without_file():
     cfg = load_run_config(None)
     assert cfg.method == "lora"
     assert cfg.uses_toyworld()
+
+
+def test_saved_config_names_the_same_toy_world(tmp_path):
+    """--resume reloads config.yaml: YAML turns epochs 100 into 100.0, which must not change
+    the toy world's cache key (a changed key silently rebuilt the world, ~8 min)."""
+    from pathlib import Path
+
+    from safeanchor.config import save_config
+    from safeanchor.pipeline.config import load_run_config
+
+    toy = Path(__file__).resolve().parents[2] / "workflows" / "configs" / "toy.yaml"
+    cfg = load_run_config(toy)
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_run_config(tmp_path / "config.yaml")
+    assert again.toyworld.key() == cfg.toyworld.key()
