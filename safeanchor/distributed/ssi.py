@@ -28,7 +28,7 @@ import torch
 from safeanchor.config import ConfigError
 from safeanchor.distributed.config import ClusterConfig
 from safeanchor.distributed.trainer import ensure_ray, load_builder, resolve_use_gpu
-from safeanchor.subspace.fisher import Subspace, fisher_subspace, safety_gradients, select_rank
+from safeanchor.subspace.fisher import Subspace, safety_gradients, safety_subspaces, select_rank
 
 
 @dataclass
@@ -115,19 +115,15 @@ def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k
     """name -> Subspace for every LoRA tensor, in the model's parameter order.
 
     executor ray: `cluster.ssi_workers` shard tasks, then `cluster.ssi_blocks` merge tasks;
-    executor local: `fisher_subspace` on the whole gradient matrix in this process.
+    executor local: `safety_subspaces` (`fisher_subspace` on the whole gradient matrix) in this process.
     """
     if not job.examples:
         raise ConfigError("data.safety_calib", "SSI needs at least one calibration example")
     builder = load_builder(job.builder)
     if cluster.executor == "local":
         setup = builder(job.args)
-        from safeanchor.data import collate, encode_dataset
-
-        batch = collate(encode_dataset(setup.tokenizer, job.examples, job.max_length), setup.tokenizer.pad_token_id)
-        grads = safety_gradients(setup.model, batch, chunk=job.chunk)
-        N = len(job.examples)
-        return {n: fisher_subspace(g.reshape(N, -1), rho, k_max, k_fixed, eps) for n, g in grads.items()}
+        return safety_subspaces(setup.model, setup.tokenizer, job.examples, job.max_length, rho, k_max, k_fixed,
+                                chunk=job.chunk, eps=eps)
 
     import ray
 

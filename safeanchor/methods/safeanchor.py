@@ -28,9 +28,8 @@ from safeanchor.models import lora_parameters
 from safeanchor.subspace.anchor import anchor_kl, cached_reference
 from safeanchor.subspace.fisher import (
     Subspace,
-    fisher_subspace,
     merge_subspaces,
-    safety_gradients,
+    safety_subspaces,
 )
 
 
@@ -135,11 +134,8 @@ class SafeAnchor(Method):
         if ctx.fisher_subspaces is not None:  # the pipeline's service (Ray tasks or in-process)
             return ctx.fisher_subspaces(self._calib_examples(ctx), self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed,
                                         self.cfg.grad_chunk, ctx.run_cfg.train.max_length)
-        batch = self._calib_batch(ctx)
-        G = safety_gradients(ctx.model, batch, chunk=self.cfg.grad_chunk)
-        n = batch["input_ids"].shape[0]
-        return {name: fisher_subspace(g.reshape(n, -1), self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed)
-                for name, g in G.items()}
+        return safety_subspaces(ctx.model, ctx.tokenizer, self._calib_examples(ctx), ctx.run_cfg.train.max_length,
+                                self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed, chunk=self.cfg.grad_chunk)
 
     def _build_projection(self, model) -> None:
         """Per-tensor (V, α) for the gradient hooks; tensors with k = 0 or α = 1 are skipped."""

@@ -318,13 +318,9 @@ class Runner:
     def fisher_subspaces(self, examples, rho, k_max, k_fixed, chunk, max_length) -> dict:
         """SSI at the live model: Ray tasks (shards + per-block merges) or in-process."""
         if not self.ray:
-            from safeanchor.data import collate, encode_dataset
-            from safeanchor.subspace.fisher import fisher_subspace, safety_gradients
+            from safeanchor.subspace.fisher import safety_subspaces
 
-            batch = collate(encode_dataset(self.tok, examples, max_length), self.tok.pad_token_id)
-            G = safety_gradients(self.model, batch, chunk=chunk)
-            n = len(examples)
-            return {name: fisher_subspace(g.reshape(n, -1), rho, k_max, k_fixed) for name, g in G.items()}
+            return safety_subspaces(self.model, self.tok, examples, max_length, rho, k_max, k_fixed, chunk=chunk)
         from safeanchor.distributed.ssi import SSIJob, identify_subspaces
         from safeanchor.pipeline.remote import model_job_args
 

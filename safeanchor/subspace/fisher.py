@@ -136,3 +136,21 @@ def safety_gradients(model, batch: dict[str, torch.Tensor], chunk: int = 16) -> 
     finally:
         hf_cfg._attn_implementation = prev_attn
         model.train(was_training)
+
+
+def safety_subspaces(
+    model, tokenizer, examples: list, max_length: int, rho: float | None, k_max: int, k_fixed: int | None = None,
+    chunk: int = 16, eps: float = 0.0,
+) -> dict[str, Subspace]:
+    """In-process SSI: name -> `fisher_subspace` of every LoRA tensor at the current model.
+
+    `examples` (safe responses) are encoded with `max_length`, right-padded into ONE batch
+    (on the CPU, where the in-process model lives), and their per-example gradients
+    (`safety_gradients`, `chunk` examples per vmap chunk) give each tensor's G (N, n).
+    """
+    from safeanchor.data import collate, encode_dataset
+
+    batch = collate(encode_dataset(tokenizer, examples, max_length), tokenizer.pad_token_id)
+    grads = safety_gradients(model, batch, chunk=chunk)  # name -> (N, *shape)
+    N = len(examples)
+    return {name: fisher_subspace(g.reshape(N, -1), rho, k_max, k_fixed, eps) for name, g in grads.items()}

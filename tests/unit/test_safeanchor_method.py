@@ -4,12 +4,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from safeanchor.data import ChatExample
+from safeanchor.data import ChatExample, encode_example
 from safeanchor.methods.base import Context
 from safeanchor.methods.safeanchor import SafeAnchor, SafeAnchorConfig, _Replay, alphas_from_traces
 from safeanchor.models import LoraConfig, add_lora, lora_parameters
 from safeanchor.pipeline.config import RunConfig
-from safeanchor.subspace.anchor import anchor_kl
+from safeanchor.subspace.anchor import anchor_kl, response_nll
+from safeanchor.subspace.fisher import safety_subspaces
 from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import GradHooks
 
@@ -46,6 +47,41 @@ def test_lora_A_gets_empty_subspace_at_fresh_adapter(tok):
     b = {n: s for n, s in subs.items() if "lora_B" in n}
     assert a and all(s.k == 0 and s.trace == 0.0 for s in a.values())
     assert all(s.k > 0 and s.trace > 0 for s in b.values())
+
+
+def test_ssi_equals_dense_fisher_of_one_example_at_a_time_backward(tok):
+    """safety_subspaces (one padded batch, vmap per-example grads, thin SVD) against the plain
+    definition: unpadded one-example backward of the response NLL, F = GᵀG/N, dense eigh."""
+    ctx, sa = make_ctx(tok)
+    _move_B(ctx.model)  # B != 0: lora_A gets gradients too
+    subs = safety_subspaces(ctx.model, tok, CALIB, 64, rho=1.0, k_max=64, chunk=3)
+    params = lora_parameters(ctx.model)
+    assert list(subs) == list(params)
+    rows = {n: [] for n in params}
+    ctx.model.eval()
+    for ex in CALIB:
+        f = encode_example(tok, ex, 64)
+        ids, labels = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
+        ctx.model.zero_grad()
+        response_nll(ctx.model(input_ids=ids).logits, labels).backward()
+        for n, p in params.items():
+            rows[n].append(p.grad.detach().reshape(-1).double())
+    for n, s in subs.items():
+        G = torch.stack(rows[n])
+        F = G.T @ G / len(CALIB)
+        evals, evecs = torch.linalg.eigh(F)
+        evals, evecs = evals.flip(0)[: s.k], evecs.flip(1)[:, : s.k]
+        assert s.k == len(CALIB)  # rank of G (4 examples, n >= 64)
+        assert abs(s.trace - float(torch.trace(F))) <= 1e-6 * float(torch.trace(F))
+        torch.testing.assert_close(s.lam.double(), evals, atol=1e-9, rtol=1e-3)
+        torch.testing.assert_close(F @ s.V.double(), s.V.double() * s.lam.double(), atol=1e-8, rtol=1e-3)
+    # SafeAnchor.identify without the pipeline's service computes exactly this
+    got = sa.identify(ctx)
+    ref = safety_subspaces(ctx.model, tok, CALIB, ctx.run_cfg.train.max_length, sa.cfg.rho, sa.cfg.k_max,
+                           sa.cfg.k_fixed, chunk=sa.cfg.grad_chunk)
+    assert list(got) == list(ref)
+    for n in ref:
+        assert torch.equal(got[n].V, ref[n].V) and torch.equal(got[n].lam, ref[n].lam)
 
 
 def test_alpha_from_normalised_trace_and_ablations():
