@@ -212,10 +212,6 @@ class Ewc(Method):
         self._pen_sum, self._pen_n, self._pen_last = 0.0, 0, 0.0
         self._pen_sum_t = self._pen_last_t = None
 
-    def phase_state(self, hooks: Any) -> dict[str, Any]:
-        self._flush_stats()
-        return {"penalty": {"sum": self._pen_sum, "n": self._pen_n, "last": self._pen_last}}
-
     def penalty_stats(self) -> dict[str, float]:
         """The penalty over the current phase's steps: mean, last value, number of steps."""
         self._flush_stats()

@@ -158,9 +158,6 @@ class OLora(Method):
         self.orth_last = float(orth.detach())
         return task_loss + self.cfg.lam1 * orth
 
-    def phase_state(self, hooks: Any) -> dict[str, Any]:
-        return {"orth_last": hooks.orth_last} if hooks is self else {}
-
     def after_domain(self, ctx: Context) -> dict[str, Any]:
         with torch.no_grad():
             orth = orthogonality_loss(ctx.model, list(self.frozen))

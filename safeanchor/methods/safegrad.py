@@ -213,9 +213,6 @@ class SafeGrad(Method):
         self.cos_sum += facts["cos"]
 
     # ---- reporting / persistence -----------------------------------------------------
-    def phase_state(self, hooks: Any) -> dict[str, Any]:
-        return {"counters": dict(self.counters), "cos_sum": self.cos_sum}
-
     def after_domain(self, ctx: Context) -> dict[str, Any]:
         d = {k: self.counters[k] - self.reported[k] for k in COUNTERS}
         rec = {"domain": ctx.domain, **d, "conflict_rate": d["conflicts"] / d["steps"] if d["steps"] else 0.0,

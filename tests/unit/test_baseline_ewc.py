@@ -228,7 +228,7 @@ def test_runs_in_the_real_loop(tok):
     stats = train_examples(ctx.model, tok, CALIB + DOMAIN, TrainConfig(max_steps=2, batch_size=4, max_length=32),
                            0, hooks=ewc.phase_hooks(ctx, "domain"), log=None)
     assert stats["steps"] == 2
-    st = ewc.phase_state(ewc)["penalty"]
+    st = ewc.state_dict()["penalty"]
     assert st["n"] == 2 and st["last"] > 0  # step 1 at θ* (0), step 2 after one update (> 0)
     assert any(not torch.equal(before[n], p) for n, p in lora_parameters(ctx.model).items())
     info = ewc.after_domain(ctx)

@@ -150,7 +150,7 @@ def test_state_round_trip_into_fresh_model(tok):
     ctx, method = two_domains(tok)
     start_domain(ctx, method, 2, "legal")
     train(ctx, method, seed=1)
-    method.load_state_dict(method.phase_state(method))
+    method.load_state_dict(method.state_dict())
     start_domain(ctx, method, 3, "code")  # two frozen adapters now
     train(ctx, method, seed=2)
     assert list(method.frozen) == ["olora1", "olora2"]

@@ -220,4 +220,4 @@ def test_runs_in_the_real_loop(tok):
     stats = train_examples(ctx.model, tok, DOMAIN + CALIB, TrainConfig(max_steps=2, batch_size=4, max_length=32),
                            0, hooks=hooks, log=None)
     assert stats["steps"] == 2 and len(dots) == 2 and min(dots) >= -1e-6
-    assert sg.phase_state(hooks)["counters"]["steps"] == 2
+    assert sg.state_dict()["counters"]["steps"] == 2
