@@ -18,13 +18,12 @@ The pipeline checkpoints only "default", so the frozen adapters travel in `state
 Not implemented: the authors' optional L2 penalty on the new adapter (their lamda_2, 0 in their
 scripts) and their instruction-prompt format (the pipeline's chat template is used).
 
-The adapter helpers here (frozen copies, re-initialisation, restore) are shared with Vaccine,
-which freezes its re-alignment adapter the same way.
+The adapter helpers (frozen copies, re-initialisation, restore) live in `safeanchor.models`;
+Vaccine freezes its re-alignment adapter with the same ones.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,71 +32,17 @@ import torch
 
 from safeanchor.config import check
 from safeanchor.methods.base import Context, Method, register_method
-
-TRAINABLE = "default"  # the pipeline's persistent adapter: the one that trains and is checkpointed
-
-
-# ---- adapter helpers (peft multi-adapter LoRA) ----------------------------------------------
-def lora_layers(model, adapter: str = TRAINABLE) -> list[tuple[str, Any]]:
-    """(module name, peft LoraLayer) of every LoRA-targeted module that holds `adapter`."""
-    from peft.tuners.lora import LoraLayer
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+from safeanchor.models import (
+    TRAINABLE,
+    freeze_copy,
+    lora_layers,
+    reinit_adapter,
+    restore_frozen,
+    set_active,
+)
 
 
-def adapter_weights(model, name: str) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of one adapter's tensors (peft's adapter-name-free keys)."""
-    from peft import get_peft_model_state_dict
-
-    sd = get_peft_model_state_dict(model, adapter_name=name)
-    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
-
-
-def set_active(model, frozen: list[str], trainable: str = TRAINABLE) -> None:
-    """Make `trainable` + `frozen` the active adapters (all in the forward pass); only `trainable`
-    keeps requires_grad. peft's set_adapter marks every active adapter trainable, hence the reset."""
-    model.base_model.set_adapter([trainable, *frozen])
-    for _, layer in lora_layers(model, trainable):
-        for name in frozen:
-            for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
-                p.requires_grad_(False)
-
-
-def restore_frozen(model, weights: dict[str, dict[str, torch.Tensor]], trainable: str = TRAINABLE) -> None:
-    """(Re-)create each frozen adapter from its tensors and activate it. Idempotent."""
-    from peft import set_peft_model_state_dict
-
-    for name, sd in weights.items():
-        if name not in model.peft_config:
-            model.add_adapter(name, copy.deepcopy(model.peft_config[trainable]))
-        res = set_peft_model_state_dict(model, sd, adapter_name=name)
-        missing = [k for k in res.missing_keys if f".{name}." in k]
-        if missing or res.unexpected_keys:
-            raise RuntimeError(f"frozen adapter {name!r} does not fit the model: missing {missing[:3]}, "
-                               f"unexpected {list(res.unexpected_keys)[:3]}")
-    set_active(model, list(weights), trainable)
-
-
-def freeze_copy(model, name: str, trainable: str = TRAINABLE) -> dict[str, torch.Tensor]:
-    """Copy `trainable`'s current tensors into a new adapter `name` (same LoraConfig); returns them."""
-    if name in model.peft_config:
-        raise ValueError(f"adapter {name!r} already exists")
-    weights = adapter_weights(model, trainable)
-    restore_frozen(model, {name: weights}, trainable)
-    return weights
-
-
-@torch.no_grad()
-def reinit_adapter(model, seed: int, adapter: str = TRAINABLE) -> None:
-    """Fresh LoRA init as peft does it (kaiming-uniform A, B = 0), from `seed`, without touching
-    the global RNG stream of the caller."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for _, layer in lora_layers(model, adapter):
-            layer.reset_lora_parameters(adapter, True)
-
-
+# ---- O-LoRA's penalty -----------------------------------------------------------------------
 def orthogonality_loss(model, previous: list[str], trainable: str = TRAINABLE) -> torch.Tensor | None:
     """Σ_modules Σ_prev Σ_ij |(A_prev A_newᵀ)_ij| (None when there is no previous adapter)."""
     if not previous:

@@ -41,7 +41,7 @@ import torch
 
 from safeanchor.config import ConfigError, check
 from safeanchor.methods.base import Context, Method, register_method
-from safeanchor.methods.olora import TRAINABLE, lora_layers
+from safeanchor.models import TRAINABLE, lora_layers
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model
 

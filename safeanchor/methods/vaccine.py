@@ -34,7 +34,7 @@ import torch
 
 from safeanchor.config import ConfigError, check
 from safeanchor.methods.base import Context, Method, TrainPhase, register_method
-from safeanchor.methods.olora import adapter_weights, reinit_adapter, restore_frozen
+from safeanchor.models import adapter_weights, reinit_adapter, restore_frozen
 
 FROZEN = "vaccine"
 

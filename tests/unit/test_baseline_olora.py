@@ -10,8 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from safeanchor.data import ChatExample
 from safeanchor.methods import build_method
 from safeanchor.methods.base import Context
-from safeanchor.methods.olora import OLora, OLoraConfig, lora_layers, orthogonality_loss
-from safeanchor.models import LoraConfig, add_lora
+from safeanchor.methods.olora import OLora, OLoraConfig, orthogonality_loss
+from safeanchor.models import LoraConfig, add_lora, lora_layers
 from safeanchor.pipeline.config import RunConfig
 from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, train_examples

@@ -9,9 +9,8 @@ from safeanchor.config import ConfigError
 from safeanchor.data import ChatExample
 from safeanchor.methods import build_method
 from safeanchor.methods.base import Context
-from safeanchor.methods.olora import lora_layers
 from safeanchor.methods.safelora import SafeLora, SafeLoraConfig, hf_key
-from safeanchor.models import LoraConfig, add_lora
+from safeanchor.models import LoraConfig, add_lora, lora_layers
 from safeanchor.pipeline.config import RunConfig
 from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, train_examples
