@@ -31,9 +31,7 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +44,7 @@ from safeanchor.config import ConfigError, check, to_dict
 from safeanchor.data import ChatExample, DataError, load_examples, write_jsonl
 from safeanchor.models import LoraConfig
 from safeanchor.train.loop import TrainConfig, train_examples
+from safeanchor.utils import atomic_dir
 
 # Bump when the recipe changes in a way that alters the aligned checkpoint.
 FORMAT_VERSION = "1"
@@ -298,10 +297,7 @@ def align_model(
         model = model.merge_and_unload()
     model.eval()
 
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=base))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         calib_file = None
@@ -318,12 +314,6 @@ def align_model(
             "train": stats, "align_s": round(time.perf_counter() - t0, 1),
         }
         (tmp / DONE_FILE).write_text(json.dumps(report, indent=2))
-        if out.exists():  # an incomplete earlier attempt (no report.json): replace it
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"[align] done in {report['align_s']:.0f}s -> {out}")
     return AlignResult(out, calib_file, report)
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +32,7 @@ from pathlib import Path
 import torch
 
 from safeanchor.config import ConfigError
+from safeanchor.utils import atomic_dir
 
 GGUF_PREFIX = "gguf:"
 # Bump when the conversion recipe changes in a way that alters the saved checkpoint.
@@ -146,10 +145,7 @@ def convert_gguf(gguf_path: str | Path, cache_dir: Path | None = None, log: Call
     if diff > 1e-4:
         raise RuntimeError(f"GGUF rebuild changed the model's outputs (max |Δlogit| = {diff:.2e})")
     del src
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache should stay readable
-    try:
+    with atomic_dir(out) as tmp:  # readable by others (0o755): a shared cache
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         info = {
@@ -158,12 +154,6 @@ def convert_gguf(gguf_path: str | Path, cache_dir: Path | None = None, log: Call
             "max_abs_logit_diff": diff, "convert_s": round(time.perf_counter() - t0, 2),
         }
         (tmp / DONE_FILE).write_text(json.dumps(info, indent=2))
-        if out.exists():  # an incomplete earlier attempt (no conversion.json): replace it
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"[gguf] converted {info['params'] / 1e6:.1f} M parameters in {info['convert_s']:.0f}s")
     return out
 

@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from safeanchor.config import check, to_dict
 from safeanchor.toyworld.generator import ToyData, ToyDataConfig, generate
 from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, train_examples
+from safeanchor.utils import atomic_dir
 
 # Bump when the generator or the build recipe changes in a way that alters the artefacts.
 FORMAT_VERSION = "4"
@@ -178,9 +177,7 @@ def build(cfg: ToyWorldConfig, log=print, force: bool = False) -> ToyWorld:
         return ToyWorld(root, data, json.loads(report_path.read_text()))
 
     t0 = time.perf_counter()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_dir(root, mode=None) as tmp:  # mode None: as before, the directory stays private (0o700)
         log(f"[toyworld] building {root} (once; later runs load it from the cache)")
         tok = build_tokenizer(_all_text(data), vocab_size=cfg.model.vocab_size)
         tok.save_pretrained(tmp / "tokenizer")
@@ -200,11 +197,5 @@ def build(cfg: ToyWorldConfig, log=print, force: bool = False) -> ToyWorld:
             "pretrain": pre, "align": ali, "build_s": time.perf_counter() - t0,
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        if root.exists():  # a stale, incomplete directory (no report.json): replace it
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"[toyworld] built in {report['build_s']:.0f}s -> {root}")
     return ToyWorld(root, data, report)
