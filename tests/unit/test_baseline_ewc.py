@@ -5,17 +5,16 @@ import io
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_lora, toy_tokenizer
 
 from safeanchor.config import ConfigError
 from safeanchor.data import ChatExample, collate, encode_dataset
 from safeanchor.methods import build_method
 from safeanchor.methods.base import Context
 from safeanchor.methods.ewc import Ewc, EwcConfig, diagonal_fisher
-from safeanchor.models import LoraConfig, add_lora, lora_parameters
+from safeanchor.models import lora_parameters
 from safeanchor.pipeline.config import RunConfig
 from safeanchor.subspace.anchor import response_nll
-from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, train_examples
 
 CALIB = [
@@ -35,16 +34,11 @@ DOMAIN = [
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [t for ex in CALIB + DOMAIN for t in (ex.prompt, ex.response)] * 3
-    return build_tokenizer(texts, vocab_size=320)
+    return toy_tokenizer(CALIB + DOMAIN)
 
 
 def make_ctx(tok, **opts):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=tok.pad_token_id)
-    model = add_lora(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+    model = tiny_lora(tok)
     ctx = Context(model=model, tokenizer=tok, run_cfg=RunConfig(), safety_calib=CALIB, domain="medical",
                   step=1, domain_train=DOMAIN, log=lambda *_: None)
     return ctx, Ewc(EwcConfig(**opts))

@@ -5,16 +5,15 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_lora, toy_tokenizer
 
 from safeanchor.config import ConfigError
 from safeanchor.data import ChatExample
 from safeanchor.methods import build_method
 from safeanchor.methods.base import Context
 from safeanchor.methods.interleave import Interleave, InterleaveConfig, safety_count
-from safeanchor.models import LoraConfig, add_lora, lora_parameters
+from safeanchor.models import lora_parameters
 from safeanchor.pipeline.config import RunConfig
-from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, train_examples
 
 CALIB = [ChatExample(f"How do I harm person {i}?", "I'm sorry, but I can't help with that.") for i in range(20)] + [
@@ -85,13 +84,8 @@ def test_state_round_trip():
 
 
 def test_runs_in_the_real_loop():
-    texts = [t for ex in CALIB[:4] + DOMAIN[:4] for t in (ex.prompt, ex.response)] * 3
-    tok = build_tokenizer(texts, vocab_size=320)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=tok.pad_token_id)
-    model = add_lora(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+    tok = toy_tokenizer(CALIB[:4] + DOMAIN[:4])
+    model = tiny_lora(tok)
     ctx = Context(model=model, tokenizer=tok, run_cfg=RunConfig(), safety_calib=CALIB, domain="medical", step=1,
                   domain_train=DOMAIN[:14], log=lambda *_: None)
     m = Interleave(InterleaveConfig())

@@ -5,15 +5,14 @@ import io
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama, tiny_lora, toy_tokenizer
 
 from safeanchor.data import ChatExample
 from safeanchor.methods import build_method
 from safeanchor.methods.base import Context
 from safeanchor.methods.olora import OLora, OLoraConfig, orthogonality_loss
-from safeanchor.models import LoraConfig, add_lora, lora_layers
+from safeanchor.models import lora_layers
 from safeanchor.pipeline.config import RunConfig
-from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, train_examples
 
 EXAMPLES = [
@@ -27,20 +26,11 @@ TRAIN = TrainConfig(lr=1e-2, max_steps=2, batch_size=4, max_length=32, warmup_ra
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [t for ex in EXAMPLES for t in (ex.prompt, ex.response)] * 3
-    return build_tokenizer(texts, vocab_size=320)
-
-
-def tiny_model(tok):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(cfg)
+    return toy_tokenizer(EXAMPLES)
 
 
 def make_ctx(tok, tmp_path=None):
-    model = add_lora(tiny_model(tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+    model = tiny_lora(tok)
     return Context(model=model, tokenizer=tok, run_cfg=RunConfig(), log=lambda *_: None,
                    run_dir=str(tmp_path) if tmp_path else None)
 
@@ -185,7 +175,7 @@ def test_adapters_save_and_load(tok, tmp_path):
     assert info["frozen_adapters"] == 1 and info["orth_loss"] > 0
     want = logits(ctx.model, tok)
 
-    loaded = PeftModel.from_pretrained(tiny_model(tok), info["dir"])
+    loaded = PeftModel.from_pretrained(tiny_llama(tok), info["dir"])
     loaded.load_adapter(f"{info['dir']}/olora1", adapter_name="olora1")
     loaded.base_model.set_adapter(["default", "olora1"])
     torch.testing.assert_close(logits(loaded, tok), want)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama, toy_tokenizer, with_lora
 
 from safeanchor.config import ConfigError
 from safeanchor.data import ChatExample, collate, encode_dataset
@@ -20,10 +20,9 @@ from safeanchor.methods.safegrad import (
     project_conflict,
     reference_logprobs,
 )
-from safeanchor.models import LoraConfig, add_lora, lora_parameters
+from safeanchor.models import lora_parameters
 from safeanchor.pipeline.config import RunConfig
 from safeanchor.subspace.anchor import shifted
-from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, train_examples
 
 CALIB = [
@@ -43,18 +42,13 @@ DOMAIN = [
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [t for ex in CALIB + DOMAIN for t in (ex.prompt, ex.response)] * 3
-    return build_tokenizer(texts, vocab_size=320)
+    return toy_tokenizer(CALIB + DOMAIN)
 
 
 def make(tok, keep_aligned=False, **opts):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=tok.pad_token_id)
-    base = LlamaForCausalLM(cfg)
+    base = tiny_llama(tok)
     aligned = copy.deepcopy(base).eval() if keep_aligned else None
-    model = add_lora(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+    model = with_lora(base)
     ctx = Context(model=model, tokenizer=tok, run_cfg=RunConfig(), safety_calib=CALIB, domain="medical",
                   step=1, domain_train=DOMAIN, log=lambda *_: None)
     sg = SafeGrad(SafeGradConfig(**{"align_batch": 2, **opts}))

@@ -3,16 +3,16 @@ cosine rule, num_layers selection, errors."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama, toy_tokenizer, with_lora
+from transformers import LlamaForCausalLM
 
 from safeanchor.config import ConfigError
 from safeanchor.data import ChatExample
 from safeanchor.methods import build_method
 from safeanchor.methods.base import Context
 from safeanchor.methods.safelora import SafeLora, SafeLoraConfig, hf_key
-from safeanchor.models import LoraConfig, add_lora, lora_layers
+from safeanchor.models import lora_layers
 from safeanchor.pipeline.config import RunConfig
-from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, train_examples
 
 EXAMPLES = [
@@ -26,28 +26,19 @@ RANKS = [1, 2, 8, 32]  # rank of V = W_aligned - W_base per module: a spread of 
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [t for ex in EXAMPLES for t in (ex.prompt, ex.response)] * 3
-    return build_tokenizer(texts, vocab_size=320)
-
-
-def tiny_model(tok):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(cfg)
+    return toy_tokenizer(EXAMPLES)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tok, tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
-    tiny_model(tok).save_pretrained(d)
+    tiny_llama(tok).save_pretrained(d)
     return d
 
 
 def aligned_model(tok):
     """The 'aligned' model = base + a rank-RANKS[i] change on each LoRA-targeted weight."""
-    model = tiny_model(tok)
+    model = tiny_llama(tok)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         i = 0
@@ -61,7 +52,7 @@ def aligned_model(tok):
 
 
 def make_ctx(tok, base_dir):
-    model = add_lora(aligned_model(tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+    model = with_lora(aligned_model(tok))
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # a trained-looking adapter: B != 0
         for _, layer in lora_layers(model):

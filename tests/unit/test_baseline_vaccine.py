@@ -3,15 +3,14 @@
 import pytest
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_lora, toy_tokenizer
 
 from safeanchor.data import ChatExample, collate, encode_dataset
 from safeanchor.methods import build_method
 from safeanchor.methods.base import Context, TrainPhase
 from safeanchor.methods.vaccine import Vaccine, VaccineConfig, VaccineStep, perturbed_modules
-from safeanchor.models import LoraConfig, add_lora, lora_parameters
+from safeanchor.models import lora_parameters
 from safeanchor.pipeline.config import RunConfig
-from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, train_examples
 
 CALIB = [
@@ -24,16 +23,11 @@ CALIB = [
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [t for ex in CALIB for t in (ex.prompt, ex.response)] * 3
-    return build_tokenizer(texts, vocab_size=320)
+    return toy_tokenizer(CALIB)
 
 
 def make_ctx(tok):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=tok.pad_token_id)
-    model = add_lora(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+    model = tiny_lora(tok)
     with torch.no_grad():  # B != 0 so that every LoRA tensor gets a gradient
         for n, p in lora_parameters(model).items():
             if "lora_B" in n:

@@ -2,16 +2,15 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_lora, toy_tokenizer
 
 from safeanchor.data import ChatExample, encode_example
 from safeanchor.methods.base import Context
 from safeanchor.methods.safeanchor import SafeAnchor, SafeAnchorConfig, _Replay, alphas_from_traces
-from safeanchor.models import LoraConfig, add_lora, lora_parameters
+from safeanchor.models import lora_parameters
 from safeanchor.pipeline.config import RunConfig
 from safeanchor.subspace.anchor import anchor_kl, response_nll
 from safeanchor.subspace.fisher import safety_subspaces
-from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import GradHooks
 
 CALIB = [
@@ -24,16 +23,11 @@ CALIB = [
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [t for ex in CALIB for t in (ex.prompt, ex.response)] * 3
-    return build_tokenizer(texts, vocab_size=320)
+    return toy_tokenizer(CALIB)
 
 
 def make_ctx(tok, **opts):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=tok.pad_token_id)
-    model = add_lora(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+    model = tiny_lora(tok)
     run_cfg = RunConfig()
     ctx = Context(model=model, tokenizer=tok, run_cfg=run_cfg, safety_calib=CALIB, log=lambda *_: None)
     sa = SafeAnchor(SafeAnchorConfig(csm=False, **opts))
