@@ -125,10 +125,6 @@ class SafeAnchor(Method):
             ex = random.Random(ctx.run_cfg.seed).sample(ex, self.cfg.calib_size)
         return ex
 
-    def _calib_batch(self, ctx: Context) -> dict[str, torch.Tensor]:
-        feats = encode_dataset(ctx.tokenizer, self._calib_examples(ctx), ctx.run_cfg.train.max_length)
-        return collate(feats, ctx.tokenizer.pad_token_id)
-
     def identify(self, ctx: Context) -> dict[str, Subspace]:
         """Fresh per-tensor subspaces at the current model (no merge)."""
         if ctx.fisher_subspaces is not None:  # the pipeline's service (Ray tasks or in-process)

@@ -211,8 +211,11 @@ class Vaccine(Method):
                 f"(rho {self.cfg.rho}, at each {self.cfg.perturb} output)")
         stats = ctx.train(TrainPhase(examples=examples, cfg=self.train_config(ctx), seed=ctx.run_cfg.seed,
                                      tag="vaccine", hooks="vaccine"))
-        for h in self._live:  # in case the pipeline did not call phase_state in this process
+        # The "vaccine" phase always trains in this process (in_process_phases): its hooks' counters
+        # (steps, mean ‖∂L/∂h‖, loss gap of the perturbed pass) go into the record here.
+        for h in self._live:
             h.close()
+            self.record.update(h.stats())
         self._live = []
         if self.cfg.fresh_adapter:
             self.frozen = {FROZEN: adapter_weights(ctx.model, "default")}
@@ -232,12 +235,6 @@ class Vaccine(Method):
             self._live.append(hooks)
             return hooks
         return super().phase_hooks(ctx, phase)
-
-    def phase_state(self, hooks: Any) -> dict[str, Any]:
-        if isinstance(hooks, VaccineStep):
-            hooks.close()
-            return {"record": {**self.record, **hooks.stats()}}
-        return {}
 
     def after_domain(self, ctx: Context) -> dict[str, Any]:
         return {"vaccine": {k: v for k, v in self.record.items() if isinstance(v, (int, float))}}
