@@ -43,7 +43,7 @@ class SafeAnchorConfig:
     calib_size: int | None = field(default=None, metadata={"doc": "calibration examples used for SSI (null: all; paper 500)"})
     grad_chunk: int = field(default=16, metadata={"doc": "examples per vmap chunk of per-example gradients (memory)"})
     lam: float = field(default=0.5, metadata={"doc": "adaptive relaxation α_i = clip(1 − lam·t̃_i, 0, 1) (paper λ = 0.5)"})
-    trace_norm: str = field(default="max", metadata={"doc": "t̃_i = trace_i / max_j trace_j ('max') or trace_i / Σ_j trace_j ('share')"})
+    trace_norm: str = field(default="max", metadata={"doc": "t̃_i = trace_i / max_j trace_j ('max'), trace_i / Σ_j trace_j ('share') or trace_i / mean_j trace_j ('mean')"})
     strict: bool = field(default=False, metadata={"doc": "ablation: α = 0 everywhere (full projection)"})
     adaptive: bool = field(default=True, metadata={"doc": "ablation off: the same α = alpha_fixed for every tensor"})
     alpha_fixed: float = field(default=0.5, metadata={"doc": "α used for every tensor when adaptive is off (0.5: the middle of the adaptive range [1 − lam, 1] at lam = 0.5; 0 would equal strict)"})
@@ -67,7 +67,7 @@ class SafeAnchorConfig:
         check(self.calib_size is None or self.calib_size >= 1, "calib_size", "must be >= 1")
         check(self.grad_chunk >= 1, "grad_chunk", "must be >= 1")
         check(self.lam >= 0, "lam", "must be >= 0")
-        check(self.trace_norm in ("max", "share"), "trace_norm", "must be 'max' or 'share'")
+        check(self.trace_norm in ("max", "share", "mean"), "trace_norm", "must be 'max', 'share' or 'mean'")
         check(0 <= self.alpha_fixed <= 1, "alpha_fixed", "must be in [0, 1]")
         check(self.gamma >= 0, "gamma", "must be >= 0")
         check(self.anchor_batch >= 1, "anchor_batch", "must be >= 1")
@@ -94,7 +94,8 @@ def alphas_from_traces(traces: dict[str, float], cfg: SafeAnchorConfig) -> dict[
         return {k: 0.0 for k in traces}
     if not cfg.adaptive:
         return {k: cfg.alpha_fixed for k in traces}
-    denom = max(traces.values()) if cfg.trace_norm == "max" else sum(traces.values())
+    vals = list(traces.values())
+    denom = {"max": max(vals), "share": sum(vals), "mean": sum(vals) / len(vals)}[cfg.trace_norm]
     if denom <= 0:
         return {k: 1.0 for k in traces}
     return {k: min(1.0, max(0.0, 1.0 - cfg.lam * t / denom)) for k, t in traces.items()}

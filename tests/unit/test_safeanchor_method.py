@@ -86,6 +86,8 @@ def test_alpha_from_normalised_trace_and_ablations():
     assert set(alphas_from_traces(traces, SafeAnchorConfig(adaptive=False, alpha_fixed=0.3)).values()) == {0.3}
     share = alphas_from_traces(traces, SafeAnchorConfig(lam=1.0, trace_norm="share"))
     assert share["a"] == pytest.approx(1 - 4 / 5)
+    mean = alphas_from_traces(traces, SafeAnchorConfig(lam=0.5, trace_norm="mean"))  # mean trace 5/3
+    assert mean == pytest.approx({"a": 0.0, "b": 1 - 0.5 * 3 / 5, "c": 1.0})  # a clipped at 0
 
 
 def _grads(model):
