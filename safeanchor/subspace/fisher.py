@@ -45,17 +45,27 @@ def select_rank(lam: torch.Tensor, rho: float | None, k_max: int, k_fixed: int |
 def fisher_subspace(
     G: torch.Tensor, rho: float | None, k_max: int, k_fixed: int | None = None, eps: float = 0.0
 ) -> Subspace:
-    """Top eigenpairs of F = GᵀG/N from per-example gradients G (N, n), via thin SVD (no n×n)."""
+    """Top eigenpairs of F = GᵀG/N from per-example gradients G (N, n); never n×n when N < n.
+
+    With X = G/√N: F = XᵀX and the Gram matrix K = XXᵀ (N×N) share their non-zero eigenvalues;
+    an eigenvector u of K with eigenvalue λ gives F's as v = Xᵀu/√λ. eigh of the small Gram
+    matrix is the same maths as the thin SVD of X and ~10× cheaper on a CPU (measured on the
+    toy world: 84 tensors of 128 × 2,048, float64). When n ≤ N, F itself is the small matrix.
+    """
     N, n = G.shape
-    G = G.to(torch.float64) / N**0.5
-    trace = float((G * G).sum())
+    X = G.to(torch.float64) / N**0.5
+    trace = float((X * X).sum())
     if trace <= eps:  # zero gradients (e.g. lora_A while lora_B = 0): empty subspace
-        return Subspace(G.new_zeros(n, 0).float(), G.new_zeros(0).float(), trace)
-    # (N, n) thin SVD: U (N, r), S (r,), Vh (r, n) with r = min(N, n)
-    _, S, Vh = torch.linalg.svd(G, full_matrices=False)
-    lam = S**2
+        return Subspace(X.new_zeros(n, 0).float(), X.new_zeros(0).float(), trace)
+    small = X @ X.T if N < n else X.T @ X
+    lam, U = torch.linalg.eigh(small)  # ascending
+    lam, U = lam.flip(0), U.flip(1)
+    # eigenvalues below round-off of the trace are zero (rank-deficient G: fewer examples than
+    # dimensions, or duplicated examples); they carry no direction
+    lam = torch.where(lam > trace * 1e-12, lam, torch.zeros_like(lam))
     k = select_rank(lam, rho, k_max, k_fixed)
-    return Subspace(Vh[:k].T.contiguous().float(), lam[:k].float(), trace)
+    V = (X.T @ U[:, :k]) / lam[:k].sqrt() if N < n else U[:, :k]
+    return Subspace(V.contiguous().float(), lam[:k].float(), trace)
 
 
 def merge_subspaces(old: Subspace, new: Subspace, rho: float | None, k_max: int, k_fixed: int | None = None) -> Subspace:

@@ -75,6 +75,25 @@ def test_fisher_eigenpairs_match_dense_eigh():
     torch.testing.assert_close(dots, torch.ones(N, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
+def test_fisher_eigenpairs_both_branches_and_rank_deficient():
+    """More examples than dimensions (eigh of F itself), and a G of rank 3 whose Gram matrix has
+    round-off eigenvalues: they must not become directions."""
+    gen = torch.Generator().manual_seed(4)
+    for G in (torch.randn(30, 10, generator=gen, dtype=torch.float64),
+              (torch.randn(16, 3, generator=gen, dtype=torch.float64)
+               @ torch.randn(3, 40, generator=gen, dtype=torch.float64))):
+        F = G.T @ G / G.shape[0]
+        evals, evecs = torch.linalg.eigh(F)
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        r = int(torch.linalg.matrix_rank(G))
+        s = fisher_subspace(G, rho=1.0, k_max=100)
+        assert s.k == r
+        torch.testing.assert_close(s.lam.double(), evals[:r], atol=1e-8, rtol=1e-5)
+        torch.testing.assert_close(s.V.T @ s.V, torch.eye(r), atol=1e-5, rtol=0)
+        dots = (s.V.double() * evecs[:, :r]).sum(0).abs()
+        torch.testing.assert_close(dots, torch.ones(r, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
 def test_rank_by_energy_and_cap():
     lam = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.5])  # total 10
     assert select_rank(lam, 0.5, 10) == 1
