@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "ssi_share_of_domain": ssi_s / domain_s,
         "ssi_peak_rss_added_mb": max(0, peak[0] - base_rss) / 2**20,
         "steps": args.steps, "rounds": args.rounds, "batch_size": cfg.train.batch_size,
-        "calib_examples": len(ctx.safety_calib), "threads": torch.get_num_threads(),
+        "calib_examples": min(len(ctx.safety_calib), full.cfg.calib_size or len(ctx.safety_calib)),
+        "anchor_batch": full.cfg.anchor_batch, "threads": torch.get_num_threads(),
     }
     print(json.dumps(out, indent=2))
     if args.out:

@@ -51,6 +51,7 @@ class SafeAnchorConfig:
     anchor: bool = field(default=True, metadata={"doc": "ablation off: no anchor loss"})
     gamma: float = field(default=0.1, metadata={"doc": "anchor loss weight γ (paper 0.1)"})
     anchor_batch: int = field(default=8, metadata={"doc": "anchor examples per training step"})
+    anchor_every: int = field(default=1, metadata={"doc": "anchor loss on every k-th step only, weighted k·γ: the same expected gradient at 1/k of its cost"})
     csm: bool = field(default=True, metadata={"doc": "ablation off: no monitoring / replay"})
     tau: float = field(default=0.05, metadata={"doc": "replay when s_t < (1 − τ)·s_0 (paper 0.05)"})
     replay_steps: int = field(default=200, metadata={"doc": "E: projected steps per replay round (paper 200)"})
@@ -71,6 +72,7 @@ class SafeAnchorConfig:
         check(0 <= self.alpha_fixed <= 1, "alpha_fixed", "must be in [0, 1]")
         check(self.gamma >= 0, "gamma", "must be >= 0")
         check(self.anchor_batch >= 1, "anchor_batch", "must be >= 1")
+        check(self.anchor_every >= 1, "anchor_every", "must be >= 1")
         check(0 <= self.tau <= 1, "tau", "must be in [0, 1]")
         check(self.replay_steps >= 1, "replay_steps", "must be >= 1")
         check(self.replay_rounds >= 0, "replay_rounds", "must be >= 0")
@@ -114,6 +116,7 @@ class SafeAnchor(Method):
         self._anchor_batches: list[dict[str, torch.Tensor]] = []
         self._anchor_ref: list[torch.Tensor] = []
         self._anchor_i = 0
+        self._anchor_step = 0
         self._safety_batches: list[dict[str, torch.Tensor]] = []
         self._safety_i = 0
 
@@ -200,7 +203,7 @@ class SafeAnchor(Method):
             if self.cfg.anchor and self.cfg.gamma > 0:
                 self._anchor_batches = self._batches(ctx, self.cfg.anchor_batch)
                 self._anchor_ref = cached_reference(ctx.model, self._anchor_batches)
-            self._anchor_i = 0
+            self._anchor_i = self._anchor_step = 0
             return self
         if phase == "replay":
             self._safety_batches = self._batches(ctx, self.cfg.safety_batch)
@@ -211,9 +214,12 @@ class SafeAnchor(Method):
         """γ·KL(p_{θ_{t−1}} ‖ p_θ) on the next anchor batch: its gradient is NOT projected."""
         if not self._anchor_ref:
             return None
+        step, self._anchor_step = self._anchor_step, self._anchor_step + 1
+        if step % self.cfg.anchor_every:
+            return None
         i = self._anchor_i % len(self._anchor_batches)
         self._anchor_i += 1
-        return self.cfg.gamma * anchor_kl(model, self._anchor_batches[i], self._anchor_ref[i])
+        return self.cfg.gamma * self.cfg.anchor_every * anchor_kl(model, self._anchor_batches[i], self._anchor_ref[i])
 
     def gate(self, ctx: Context, round: int) -> Gate:
         """CSM: round 0 measures s_t after the domain; round r re-checks after replay round r."""
@@ -265,6 +271,7 @@ class SafeAnchor(Method):
     def state_dict(self) -> dict[str, Any]:
         return {"s0": self.s0, "csm": self.csm_log, "ssi": self.ssi_log, "alpha": dict(self.alpha),
                 "subspaces": subspace_tensors(self.subspaces), "anchor_i": self._anchor_i,
+                "anchor_step": self._anchor_step,
                 "safety_i": self._safety_i}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -274,6 +281,7 @@ class SafeAnchor(Method):
         self.alpha = {k: float(v) for k, v in state["alpha"].items()}
         self.subspaces = subspaces_from_tensors(state["subspaces"])
         self._anchor_i, self._safety_i = int(state["anchor_i"]), int(state["safety_i"])
+        self._anchor_step = int(state["anchor_step"])
 
     def summary(self) -> dict[str, Any]:
         return {"s0": self.s0, "csm": self.csm_log, "ssi": self.ssi_log}

@@ -143,6 +143,29 @@ def test_anchor_gradient_zero_at_reference_nonzero_after_move_and_not_projected(
     assert any((sa._proj[n][0].T @ raw[n].reshape(-1)).abs().max() > 1e-6 for n in sa._proj)
 
 
+def test_anchor_every_k_steps_weighted_k(tok):
+    """anchor_every = 3: steps 0, 3, 6 carry 3·γ·KL on consecutive anchor batches, the others none."""
+    ctx, sa = make_ctx(tok, gamma=0.5, anchor_batch=2, anchor_every=3)
+    sa.setup(ctx)
+    _move_B(ctx.model)
+    sa.before_domain(ctx)
+    sa.phase_hooks(ctx, "domain")
+    with torch.no_grad():
+        for p in lora_parameters(ctx.model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    got = [sa.unprojected_loss(ctx.model, None) for _ in range(7)]
+    assert [g is not None for g in got] == [True, False, False, True, False, False, True]
+    for step, b in ((0, 0), (3, 1), (6, 2)):
+        b %= len(sa._anchor_batches)
+        want = 1.5 * anchor_kl(ctx.model, sa._anchor_batches[b], sa._anchor_ref[b])
+        assert float(want) > 0
+        torch.testing.assert_close(got[step], want)
+    state = sa.state_dict()
+    assert state["anchor_step"] == 7 and state["anchor_i"] == 3
+    sa.phase_hooks(ctx, "domain")  # a new domain phase restarts the count
+    assert sa.unprojected_loss(ctx.model, None) is not None
+
+
 def _check_projected(sa, before, after):
     assert sa._proj, "no tensor has a subspace: the test would be void"
     changed = False
