@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from safeanchor.config import check
+from safeanchor.config import ConfigError, check
 from safeanchor.data import collate, encode_dataset
 from safeanchor.methods.base import Context, Gate, Method, TrainPhase, register_method
 from safeanchor.models import lora_parameters
@@ -51,6 +51,7 @@ class SafeAnchorConfig:
     anchor: bool = field(default=True, metadata={"doc": "ablation off: no anchor loss"})
     gamma: float = field(default=0.1, metadata={"doc": "anchor loss weight γ (paper 0.1)"})
     anchor_batch: int = field(default=8, metadata={"doc": "anchor examples per training step"})
+    anchor_kinds: list[str] | None = field(default=None, metadata={"doc": "anchor only on calibration examples whose meta 'kind' is listed (e.g. [harmful]: refusals only); null: all"})
     anchor_every: int = field(default=1, metadata={"doc": "anchor loss on every k-th step only, weighted k·γ: the same expected gradient at 1/k of its cost"})
     csm: bool = field(default=True, metadata={"doc": "ablation off: no monitoring / replay"})
     tau: float = field(default=0.05, metadata={"doc": "replay when s_t < (1 − τ)·s_0 (paper 0.05)"})
@@ -160,8 +161,15 @@ class SafeAnchor(Method):
             self.s0 = ctx.probe_safety()
             ctx.log(f"  [csm] s_0 = {self.s0:.3f} on {len(ctx.safety_probe)} probe prompts")
 
-    def _batches(self, ctx: Context, size: int) -> list[dict[str, torch.Tensor]]:
-        feats = encode_dataset(ctx.tokenizer, ctx.safety_calib, ctx.run_cfg.train.max_length)
+    def _batches(self, ctx: Context, size: int, kinds: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
+        examples = ctx.safety_calib
+        if kinds is not None:
+            examples = [e for e in examples if e.meta.get("kind") in kinds]
+            if not examples:
+                found = sorted({str(e.meta.get("kind")) for e in ctx.safety_calib})
+                raise ConfigError("methods.safeanchor.anchor_kinds",
+                                  f"no calibration example has a meta 'kind' in {kinds} (kinds present: {found})")
+        feats = encode_dataset(ctx.tokenizer, examples, ctx.run_cfg.train.max_length)
         order = list(range(len(feats)))
         random.Random(ctx.run_cfg.seed).shuffle(order)
         pad = ctx.tokenizer.pad_token_id
@@ -201,7 +209,7 @@ class SafeAnchor(Method):
         if phase == "domain":
             self._anchor_batches, self._anchor_ref = [], []
             if self.cfg.anchor and self.cfg.gamma > 0:
-                self._anchor_batches = self._batches(ctx, self.cfg.anchor_batch)
+                self._anchor_batches = self._batches(ctx, self.cfg.anchor_batch, self.cfg.anchor_kinds)
                 self._anchor_ref = cached_reference(ctx.model, self._anchor_batches)
             self._anchor_i = self._anchor_step = 0
             return self
