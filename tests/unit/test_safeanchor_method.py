@@ -166,6 +166,28 @@ def test_anchor_every_k_steps_weighted_k(tok):
     assert sa.unprojected_loss(ctx.model, None) is not None
 
 
+def test_anchor_kinds_selects_calibration_examples(tok):
+    from dataclasses import replace
+
+    from safeanchor.config import ConfigError
+
+    ctx, sa = make_ctx(tok, anchor_batch=8, anchor_kinds=["harmful"])
+    ctx.safety_calib = [replace(e, meta={"kind": "harmful" if "sorry" in e.response else "benign"}) for e in CALIB]
+    sa.setup(ctx)
+    sa.before_domain(ctx)
+    sa.phase_hooks(ctx, "domain")
+    assert len(sa._anchor_batches) == 1 and sa._anchor_batches[0]["input_ids"].shape[0] == 2  # the 2 refusals
+    _, every = make_ctx(tok, anchor_batch=8)
+    every.setup(ctx)
+    every.before_domain(ctx)
+    every.phase_hooks(ctx, "domain")
+    assert every._anchor_batches[0]["input_ids"].shape[0] == 4
+    _, none = make_ctx(tok, anchor_kinds=["jailbreak"])
+    none.before_domain(ctx)
+    with pytest.raises(ConfigError, match=r"anchor_kinds.*kinds present: \['benign', 'harmful'\]"):
+        none.phase_hooks(ctx, "domain")
+
+
 def _check_projected(sa, before, after):
     assert sa._proj, "no tensor has a subspace: the test would be void"
     changed = False
