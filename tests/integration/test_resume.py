@@ -84,39 +84,51 @@ def test_driver_killed_after_first_domain_resumes_to_the_same_result(tmp_path, c
     storage = tmp_path / "runs"
     # the reference: one uninterrupted run
     assert sequential.main(_argv(storage, cache, "ref")) == 0
-    ref = _summary(storage, "ref")
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "workflows" / "sequential.py"),
-                             *_argv(storage, cache, "killed")], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = storage / "killed" / "steps" / "01-medical" / "91-eval" / "_COMPLETE"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), "the first domain never finished"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    run = storage / "killed"
-    done_before = _finished(run)
-    assert not (run / "summary.json").exists(), "killed too late: the run had already finished"
+    done_before = kill_after_first_domain(_argv(storage, cache, "killed"), dict(os.environ), storage / "killed")
 
     assert sequential.main(["--storage", str(storage), "--resume", "killed"]) == 0
-    out = _summary(storage, "killed")
+    assert_resumed_like_reference(storage, "ref", "killed", done_before, ["medical", "legal"], adapter_tol=1e-5)
+
+
+def kill_after_first_domain(argv: list[str], env: dict[str, str], run: Path, timeout: float = 240) -> list[str]:
+    """Start workflows/sequential.py, SIGKILL it once the first domain's eval step is finished;
+    returns the steps finished at that moment."""
+    env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "workflows" / "sequential.py"), *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run / "steps" / "01-medical" / "91-eval" / "_COMPLETE"
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if not marker.exists():
+        proc.kill()
+        pytest.fail("the first domain never finished")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (run / "summary.json").exists(), "killed too late: the run had already finished"
+    return _finished(run)
+
+
+def assert_resumed_like_reference(storage: Path, ref_id: str, run_id: str, done_before: list[str], domains: list[str],
+                                  adapter_tol: float) -> None:
+    """No step finished before the kill ran again; scores and final adapter equal the reference."""
+    run = storage / run_id
+    ref, out = _summary(storage, ref_id), _summary(storage, run_id)
     execs = out["executions"]
     for step in done_before:
         assert execs.count(step) == 1, f"finished step {step} ran again"
     assert sorted(set(execs)) == _finished(run)
     for k in ("safety", "over_refusal", "helpful", "general", "retention", "domain_plastic"):
         assert out[k] == pytest.approx(ref[k], abs=1e-6, nan_ok=True), k
-    for d in ("medical", "legal"):
+    for d in domains:
         assert out["domain"][d] == pytest.approx(ref["domain"][d], abs=1e-6)
     # the tiny world's scores can be flat; the weights cannot: the final adapters must agree
     from safetensors.torch import load_file
 
-    a = load_file(str(storage / "ref" / "adapters" / "step2-legal" / "adapter_model.safetensors"))
-    b = load_file(str(run / "adapters" / "step2-legal" / "adapter_model.safetensors"))
+    last = f"step{len(domains)}-{domains[-1]}"
+    a = load_file(str(storage / ref_id / "adapters" / last / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapters" / last / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and a
     for k in a:
-        assert (a[k] - b[k]).abs().max().item() < 1e-5, k
+        assert (a[k] - b[k]).abs().max().item() < adapter_tol, k
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # trained, not the zero init
