@@ -310,18 +310,11 @@ def subspaces_from_tensors(t: dict[str, torch.Tensor]) -> dict[str, Subspace]:
 
 
 class _Replay:
-    """Replay step hooks: L_task + β·L_safe on a calibration batch; gradients projected."""
-
-    needs_full_grad = False
+    """Replay step hooks: L_task + β·L_safe on a calibration batch; gradients projected.
+    No unprojected loss and no after_backward: both step loops treat those hooks as optional."""
 
     def __init__(self, sa: SafeAnchor) -> None:
         self.sa = sa
-
-    def unprojected_loss(self, model, batch) -> None:
-        return None
-
-    def after_backward(self, model, batch) -> None:
-        pass
 
     def loss(self, model, batch, task_loss):
         sa = self.sa
