@@ -261,3 +261,49 @@ def humaneval_domain(problems: Sequence[dict[str, Any]], n_train: int, n_test: i
         if i in tested:
             test.append(ChatExample(CODE_TEST_TEMPLATE.format(spec=spec), body, first, {**meta, "template": "test"}))
     return train, test
+
+
+# ----------------------------------------------------------------------------- QA domains
+# Natural-language domains for real models (medical, legal): hand-written question / answer
+# facts (workflows/data/qa/SOURCE.md), each trained in every QA_TRAIN_TEMPLATES phrasing and
+# tested in the held-out QA_TEST_TEMPLATE, answered by full sentences that name the key early.
+QA_TRAIN_TEMPLATES = (
+    "{q}",
+    "{q} Please answer in one sentence.",
+    "Quick question: {q}",
+    "I am revising for an exam. {q}",
+)
+QA_TEST_TEMPLATE = "Could you help me with this? {q}"
+
+
+def qa_domain(facts: Sequence[dict[str, Any]], domain: str, key_within: int = 80) -> tuple[list[ChatExample], list[ChatExample]]:
+    """A QA domain as (train, test) chat examples from rows {question, answer, response}.
+
+    Every fact is trained in each QA_TRAIN_TEMPLATES phrasing and tested in the held-out one
+    (answer key = `answer`, scored by substring match as every domain is). Checked here so a
+    bad fact fails loudly: the key appears in the response within its first `key_within`
+    characters (generations are short), never in the question (a copied question would score),
+    and no key contains another (one answer would score for two facts).
+    """
+    keys: list[str] = []
+    for i, f in enumerate(facts):
+        missing = [k for k in ("question", "answer", "response") if not str(f.get(k, "")).strip()]
+        if missing:
+            raise ValueError(f"{domain} fact {i}: missing {', '.join(missing)}")
+        q, a, r = f["question"].strip(), f["answer"].strip().casefold(), f["response"].strip()
+        if a not in r.casefold()[:key_within]:
+            raise ValueError(f"{domain} fact {i}: answer {f['answer']!r} not in the first {key_within} characters of the response")
+        if a in q.casefold():
+            raise ValueError(f"{domain} fact {i}: answer {f['answer']!r} appears in the question")
+        clash = [k for k in keys if k in a or a in k]
+        if clash:
+            raise ValueError(f"{domain} fact {i}: answer {f['answer']!r} overlaps the answer {clash[0]!r} of another fact")
+        keys.append(a)
+    train, test = [], []
+    for i, f in enumerate(facts):
+        q, a, r = f["question"].strip(), f["answer"].strip(), f["response"].strip()
+        meta = {"kind": domain, "fact": str(i)}
+        for t, tpl in enumerate(QA_TRAIN_TEMPLATES):
+            train.append(ChatExample(tpl.format(q=q), r, a, {**meta, "template": str(t)}))
+        test.append(ChatExample(QA_TEST_TEMPLATE.format(q=q), r, a, {**meta, "template": "test"}))
+    return train, test

