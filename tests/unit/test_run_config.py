@@ -30,6 +30,26 @@ def test_preset_validates(path):
     assert all(d in cfg.data.domains for d in cfg.data.order)
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_local_data_file_a_preset_names_exists_and_loads(path):
+    """A preset that points at a missing or unreadable data file fails here, not an hour into a run."""
+    from safeanchor.data import load_examples
+
+    cfg = load_run_config(path)
+    d = cfg.data
+    refs = [r for src in d.domains.values() for r in (src.train, src.test)]
+    refs += [d.safety_calib, d.safety_probe, d.eval_harmful, d.eval_benign, d.general]
+    refs += list(cfg.eval.harmful_files) + list(cfg.eval.benign_files)
+    local = [r for r in refs if ":" not in r]  # toyworld:, align:, hf: are resolved at run time
+    for ref in local:
+        examples = load_examples(ROOT / ref, require_response=False)
+        assert examples, f"{path.name}: {ref} is empty"
+    for name in cfg.data.order:
+        test = cfg.data.domains[name].test
+        if ":" not in test:  # a domain's test set is scored by answer key
+            assert all(x.answer for x in load_examples(ROOT / test, require_response=False)), f"{path.name}: {test}"
+
+
 def test_tiny_inherits_from_toy_and_overrides():
     toy = load_run_config(ROOT / "workflows" / "configs" / "toy.yaml")
     tiny = load_run_config(TINY)
