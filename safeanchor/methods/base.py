@@ -27,7 +27,10 @@ A train phase, in whatever process runs it (the driver, or every Ray Train worke
                extra = hooks.unprojected_loss(model, batch)       its gradient does NOT
                g_i  <- hooks.transform_grad(name_i, g_i) + ∇extra_i   per LoRA tensor, on the
                        LOCAL gradient before any data-parallel reduction (so it must be LINEAR
-                       in g_i: a projection is; it is then exact under DDP / ZeRO-1/2)
+                       in g_i: a projection is; it is then exact under DDP / ZeRO-1/2).
+                       Optional `hooks.transform_grads(grads)`: the same map on every
+                       gradient at once, in place; the single-process loop uses it after
+                       backward instead (SafeAnchor batches same-size tensors there)
                hooks.after_backward(model, batch)  a GLOBAL transformation of the full, reduced
                        gradient (p.grad of every trainable tensor); engines that shard
                        gradients (ZeRO >= 1) refuse methods with `needs_full_grad = True`

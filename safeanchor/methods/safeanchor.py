@@ -5,8 +5,10 @@ Per domain t (each a durable pipeline step; state lives in state_dict()):
                  model -> per-tensor Fisher eigenbasis (thin SVD) -> Fisher-weighted merge
                  with the previous subspace; α_i from the normalised trace.
   domain phase   phase_hooks caches the anchor reference log-probs of θ_{t−1}; each step:
-                 ĝ_i = g_i − (1−α_i) V_i V_iᵀ g_i as a per-tensor gradient hook (linear, so exact
-                 under data parallelism), plus ∇ γ·KL(p_{θ_{t−1}} ‖ p_θ) added AFTER it.
+                 ĝ_i = g_i − (1−α_i) V_i V_iᵀ g_i — in one process after backward, same-size
+                 tensors in one bmm (transform_grads); under DeepSpeed as a per-tensor gradient
+                 hook on the local gradient (linear, so exact under data parallelism) — plus
+                 ∇ γ·KL(p_{θ_{t−1}} ‖ p_θ) added AFTER it.
   gate (CSM)     s_t on the probe set; if s_t < (1−τ)·s_0 ask for a "replay" phase (E projected
                  steps of L_task + β·L_safe), then re-check; at most R rounds.
 """
@@ -29,6 +31,7 @@ from safeanchor.subspace.anchor import anchor_kl, cached_reference
 from safeanchor.subspace.fisher import (
     Subspace,
     merge_subspaces,
+    project_batched,
     safety_subspaces,
 )
 
@@ -111,6 +114,7 @@ class SafeAnchor(Method):
         self.subspaces: dict[str, Subspace] = {}
         self.alpha: dict[str, float] = {}
         self._proj: dict[str, tuple[torch.Tensor, float]] = {}
+        self._groups: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
         self.s0: float | None = None
         self.csm_log: list[dict[str, Any]] = []
         self.ssi_log: list[dict[str, Any]] = []
@@ -139,13 +143,27 @@ class SafeAnchor(Method):
                                 self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed, chunk=self.cfg.grad_chunk)
 
     def _build_projection(self, model) -> None:
-        """Per-tensor (V, α) for the gradient hooks; tensors with k = 0 or α = 1 are skipped."""
+        """Per-tensor (V, α) for the gradient hooks; tensors with k = 0 or α = 1 are skipped.
+        Also the batched form: tensors of the same size stacked, V zero-padded to the group's
+        largest k (zero columns project nothing), for `transform_grads`."""
         params = lora_parameters(model)
         self._proj = {}
         for name, p in params.items():
             sub = self.subspaces.get(name)
             if sub is not None and sub.k > 0 and self.alpha.get(name, 1.0) < 1.0:
                 self._proj[name] = (sub.V.to(p.dtype), 1.0 - self.alpha[name])
+        by_size: dict[tuple[int, torch.dtype], list[str]] = {}
+        for name, (V, _) in self._proj.items():
+            by_size.setdefault((V.shape[0], V.dtype), []).append(name)
+        self._groups = []
+        for (n, dtype), names in by_size.items():
+            k = max(self._proj[x][0].shape[1] for x in names)
+            Vs = torch.zeros(len(names), n, k, dtype=dtype)
+            for i, x in enumerate(names):
+                V = self._proj[x][0]
+                Vs[i, :, : V.shape[1]] = V
+            alpha = torch.tensor([1.0 - self._proj[x][1] for x in names], dtype=dtype)
+            self._groups.append((names, Vs, alpha))
 
     def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
         entry = self._proj.get(name)
@@ -154,6 +172,24 @@ class SafeAnchor(Method):
         V, one_minus_alpha = entry
         g = grad.reshape(-1)
         return (g - one_minus_alpha * (V @ (V.T @ g))).view_as(grad)
+
+    def transform_grads(self, grads: dict[str, torch.Tensor]) -> None:
+        """The same projection on every full gradient at once, in place: one bmm per group of
+        same-size tensors (`fisher.project_batched`). The single-process loop uses this after
+        backward; the DeepSpeed engine keeps the per-tensor hooks (it must project the local
+        gradient before ZeRO reduces and partitions it)."""
+        for names, V, alpha in self._groups:
+            idx = [i for i, x in enumerate(names) if x in grads]
+            if not idx:
+                continue
+            if len(idx) < len(names):
+                sel = torch.tensor(idx)
+                V, alpha = V[sel], alpha[sel]
+            G = torch.stack([grads[names[i]].reshape(-1) for i in idx])
+            out = project_batched(G, V.to(G.device), alpha.to(G.device))
+            for j, i in enumerate(idx):
+                g = grads[names[i]]
+                g.copy_(out[j].view_as(g))
 
     # ---- hooks ----------------------------------------------------------------------
     def setup(self, ctx: Context) -> None:
@@ -325,3 +361,6 @@ class _Replay:
 
     def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
         return self.sa.transform_grad(name, grad)
+
+    def transform_grads(self, grads: dict[str, torch.Tensor]) -> None:
+        self.sa.transform_grads(grads)

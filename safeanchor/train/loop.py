@@ -2,15 +2,18 @@
 
 One loop, with the method's hooks at fixed points (`safeanchor.methods.base` documents them):
 
-    extra = hooks.unprojected_loss(model, batch)   # its gradient bypasses transform_grad
+    extra = hooks.unprojected_loss(model, batch)   # its gradient bypasses the transform
     loss  = hooks.loss(model, batch, task NLL on response tokens)
-    loss.backward()        # per-tensor hooks: g <- hooks.transform_grad(name, g) + ∇extra
+    loss.backward()        # g <- transform(g) + ∇extra, per tensor
     hooks.after_backward(model, batch)             # global transformation (full gradient)
     clip ; optimizer.step() ; scheduler.step()
 
-The per-tensor transform runs as a gradient hook on each trainable tensor, i.e. on the local
-gradient before any data-parallel reduction: the same mechanism serves this single-process
-loop and the DeepSpeed engine. The loop never knows which method runs.
+The transform is `hooks.transform_grad(name, g)`, run as a gradient hook on each trainable
+tensor, i.e. on the local gradient before any data-parallel reduction (the DeepSpeed engine
+needs that). This single-process loop prefers `hooks.transform_grads(grads)` when the hooks
+have it: the same transform on every gradient at once after backward (SafeAnchor batches
+same-size tensors into one matmul there), then ∇extra is added. The loop never knows which
+method runs.
 """
 
 from __future__ import annotations
@@ -76,18 +79,22 @@ class GradHooks:
     """Installs `hooks.transform_grad` (+ the unprojected gradient) as per-tensor gradient hooks.
 
     Use as a context manager around a phase; `prepare(model, batch)` before each backward
-    computes the unprojected loss's gradient (with the transform off) for the next backward.
+    computes the unprojected loss's gradient (with the transform off) for the next backward,
+    `finish()` after it. With `batched=True` and hooks that have `transform_grads`, no
+    per-tensor hook is installed: `finish()` transforms all gradients at once, then adds the
+    unprojected gradient (single process only: p.grad must be the whole local gradient).
     """
 
-    def __init__(self, model: torch.nn.Module, hooks: Any) -> None:
+    def __init__(self, model: torch.nn.Module, hooks: Any, batched: bool = False) -> None:
         self.hooks = hooks
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.extra: dict[str, torch.Tensor] | None = None
         self.active = True
         self.handles: list[Any] = []
+        self.batched = getattr(hooks, "transform_grads", None) if batched and hooks is not None else None
 
     def __enter__(self) -> GradHooks:
-        if self.hooks is not None:
+        if self.hooks is not None and self.batched is None:
             for name, p in self.named:
                 self.handles.append(p.register_hook(self._fn(name)))
         return self
@@ -128,7 +135,10 @@ class GradHooks:
         return extra.detach()
 
     def finish(self) -> None:
-        """After backward: unprojected gradients of tensors the task loss did not reach."""
+        """After backward: the batched transform (if any), then the unprojected gradients not
+        yet added (all of them when batched; else those of tensors the task loss did not reach)."""
+        if self.batched is not None:
+            self.batched({n: p.grad for n, p in self.named if p.grad is not None})
         if self.extra:
             params = dict(self.named)
             for name, g in self.extra.items():
@@ -186,7 +196,7 @@ def run_steps(
     model.train()
     losses: list[float] = []
     t0 = time.perf_counter()
-    with GradHooks(model, hooks) as gh:
+    with GradHooks(model, hooks, batched=True) as gh:
         for step in range(steps):
             batch = next(batches)
             gh.prepare(model, batch)

@@ -94,12 +94,13 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in lora_parameters(model).items()}
 
 
-def _backward_through_hooks(model, hooks, batch, coeffs):
-    """One loop-style backward of Σ <coeff, θ> (gradient = coeff) through the real GradHooks."""
+def _backward_through_hooks(model, hooks, batch, coeffs, batched=False):
+    """One loop-style backward of Σ <coeff, θ> (gradient = coeff) through the real GradHooks
+    (per-tensor hooks as on DeepSpeed, or `batched` as in the single-process loop)."""
     for p in model.parameters():
         p.grad = None
     params = lora_parameters(model)
-    with GradHooks(model, hooks) as gh:
+    with GradHooks(model, hooks, batched=batched) as gh:
         gh.prepare(model, batch)
         sum((params[n] * c).sum() for n, c in coeffs.items()).backward()
         gh.finish()
@@ -199,23 +200,50 @@ def _check_projected(sa, before, after):
     assert changed
 
 
-def test_domain_step_gradient_is_projected_per_tensor(tok):
+@pytest.mark.parametrize("batched", [False, True], ids=["per-tensor", "batched"])
+def test_domain_step_gradient_is_projected(tok, batched):
     ctx, sa = make_ctx(tok, lam=1.0, anchor=False)
     sa.setup(ctx)
     sa.before_domain(ctx)
     hooks = sa.phase_hooks(ctx, "domain")
     g = {n: torch.randn_like(p) for n, p in lora_parameters(ctx.model).items()}
-    _check_projected(sa, g, _backward_through_hooks(ctx.model, hooks, None, g))
+    _check_projected(sa, g, _backward_through_hooks(ctx.model, hooks, None, g, batched=batched))
 
 
-def test_replay_step_is_projected(tok):
+@pytest.mark.parametrize("batched", [False, True], ids=["per-tensor", "batched"])
+def test_replay_step_is_projected(tok, batched):
     ctx, sa = make_ctx(tok, lam=1.0, anchor=False)
     sa.setup(ctx)
     sa.before_domain(ctx)
     hooks = sa.phase_hooks(ctx, "replay")
     assert isinstance(hooks, _Replay)
     g = {n: torch.randn_like(p) for n, p in lora_parameters(ctx.model).items()}
-    _check_projected(sa, g, _backward_through_hooks(ctx.model, hooks, None, g))
+    _check_projected(sa, g, _backward_through_hooks(ctx.model, hooks, None, g, batched=batched))
+
+
+def test_batched_projection_equals_per_tensor_hooks_with_the_anchor_added_after(tok):
+    """The single-process loop's batched form (one bmm per group of same-size tensors, V padded
+    to the group's largest k) gives the per-tensor hooks' gradient, anchor gradient included
+    and unprojected in both; groups really hold several tensors of different k."""
+    ctx, sa = make_ctx(tok, gamma=1.0, anchor_batch=4, lam=1.0)
+    sa.setup(ctx)
+    _move_B(ctx.model)
+    sa.before_domain(ctx)
+    hooks = sa.phase_hooks(ctx, "domain")
+    with torch.no_grad():  # θ away from θ_{t-1}: a non-zero anchor gradient
+        for p in lora_parameters(ctx.model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    assert any(len(names) > 1 and len({sa._proj[x][0].shape[1] for x in names}) > 1 for names, _, _ in sa._groups)
+    g = {n: torch.randn_like(p) for n, p in lora_parameters(ctx.model).items()}
+    sa._anchor_i = sa._anchor_step = 0
+    per_tensor = _backward_through_hooks(ctx.model, hooks, None, g)
+    sa._anchor_i = sa._anchor_step = 0
+    batched = _backward_through_hooks(ctx.model, hooks, None, g, batched=True)
+    for n in per_tensor:
+        torch.testing.assert_close(batched[n], per_tensor[n], atol=1e-6, rtol=1e-5)
+    sa._anchor_i = sa._anchor_step = 0
+    no_anchor = _backward_through_hooks(ctx.model, _Replay(sa), None, g, batched=True)  # projection only
+    assert any(not torch.allclose(no_anchor[n], batched[n]) for n in batched)  # the anchor term was there
 
 
 def test_replay_phase_runs_in_the_training_loop(tok):
