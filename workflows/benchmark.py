@@ -3,7 +3,8 @@
     python workflows/benchmark.py --out runs/benchmark.json          # toy preset
     python workflows/benchmark.py --config workflows/configs/tiny.yaml --steps 5
 
-Times (median of interleaved repeats) of: a plain LoRA step, a LoRA step + OSCA projection,
+Times (median of interleaved repeats) of: a plain LoRA step, a LoRA step + OSCA projection
+(batched after backward, as in-process; and as per-tensor gradient hooks, as on DeepSpeed),
 a full SafeAnchor step (projection + anchor loss); SSI wall time against one domain's
 training wall time; peak resident memory added during SSI. Ratios, not absolute seconds,
 are the figures to read: the machine is shared and noisy.
@@ -99,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         return stats["step_s"]
 
     timed(None)  # warm-up
-    t = {"lora": [], "projection": [], "safeanchor": []}
+    t = {"lora": [], "projection": [], "projection_hooks": [], "safeanchor": []}
     for _ in range(args.rounds):
         t["lora"].append(timed(None))
         t["projection"].append(timed(proj_hooks))
+        t["projection_hooks"].append(timed(PerTensor(proj_hooks)))
         t["safeanchor"].append(timed(full_hooks))
     med = {k: statistics.median(v) for k, v in t.items()}
 
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         "projection_step_s": med["projection"],
         "safeanchor_step_s": med["safeanchor"],
         "ratio_projection": med["projection"] / med["lora"],
+        # the same projection as per-tensor gradient hooks (the form the DeepSpeed engine runs)
+        "projection_hooks_step_s": med["projection_hooks"],
+        "ratio_projection_hooks": med["projection_hooks"] / med["lora"],
         "ratio_safeanchor": med["safeanchor"] / med["lora"],
         "ssi_s": ssi_s,
         "ssi_runs_s": ssi_runs,
@@ -130,6 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2))
     return 0
+
+
+class PerTensor:
+    """The same step hooks without `transform_grads`: run_steps then projects each tensor in a
+    gradient hook during backward (the DeepSpeed engine's form) instead of one batched pass."""
+
+    def __init__(self, hooks) -> None:
+        self._hooks = hooks
+
+    def __getattr__(self, name: str):
+        if name == "transform_grads":
+            raise AttributeError(name)
+        return getattr(self._hooks, name)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "workflows"))
 import benchmark  # noqa: E402  (workflows/benchmark.py)
 
 KEYS = ("lora_step_s", "projection_step_s", "safeanchor_step_s", "ratio_projection", "ratio_safeanchor", "ssi_s",
-        "domain_train_s")
+        "domain_train_s", "projection_hooks_step_s", "ratio_projection_hooks")
 
 
 def test_benchmark_writes_all_figures(tmp_path):
@@ -26,7 +26,21 @@ def test_benchmark_writes_all_figures(tmp_path):
     for k in KEYS:
         assert fig[k] > 0, k
     assert fig["ratio_safeanchor"] == fig["safeanchor_step_s"] / fig["lora_step_s"]
+    assert fig["ratio_projection_hooks"] == fig["projection_hooks_step_s"] / fig["lora_step_s"]
     assert len(fig["ssi_runs_s"]) == 2 and fig["ssi_s"] == statistics.median(fig["ssi_runs_s"])
+
+
+def test_per_tensor_proxy_hides_only_the_batched_transform():
+    class Hooks:
+        def transform_grad(self, name, grad):
+            return grad
+
+        def transform_grads(self, grads):
+            pass
+
+    proxy = benchmark.PerTensor(Hooks())
+    assert getattr(proxy, "transform_grads", None) is None
+    assert proxy.transform_grad("w", 1) == 1
 
 
 def test_benchmark_bad_config_is_a_clear_error(tmp_path, capsys):
