@@ -145,24 +145,26 @@ class SafeAnchor(Method):
     def _build_projection(self, model) -> None:
         """Per-tensor (V, α) for the gradient hooks; tensors with k = 0 or α = 1 are skipped.
         Also the batched form: tensors of the same size stacked, V zero-padded to the group's
-        largest k (zero columns project nothing), for `transform_grads`."""
+        largest k (zero columns project nothing), for `transform_grads`. V lives with its
+        parameter (device and dtype; subspaces arrive on CPU from SSI or a checkpoint), so a
+        step moves nothing."""
         params = lora_parameters(model)
         self._proj = {}
         for name, p in params.items():
             sub = self.subspaces.get(name)
             if sub is not None and sub.k > 0 and self.alpha.get(name, 1.0) < 1.0:
-                self._proj[name] = (sub.V.to(p.dtype), 1.0 - self.alpha[name])
-        by_size: dict[tuple[int, torch.dtype], list[str]] = {}
+                self._proj[name] = (sub.V.to(device=p.device, dtype=p.dtype), 1.0 - self.alpha[name])
+        by_size: dict[tuple[int, torch.dtype, torch.device], list[str]] = {}
         for name, (V, _) in self._proj.items():
-            by_size.setdefault((V.shape[0], V.dtype), []).append(name)
+            by_size.setdefault((V.shape[0], V.dtype, V.device), []).append(name)
         self._groups = []
-        for (n, dtype), names in by_size.items():
+        for (n, dtype, device), names in by_size.items():
             k = max(self._proj[x][0].shape[1] for x in names)
-            Vs = torch.zeros(len(names), n, k, dtype=dtype)
+            Vs = torch.zeros(len(names), n, k, dtype=dtype, device=device)
             for i, x in enumerate(names):
                 V = self._proj[x][0]
                 Vs[i, :, : V.shape[1]] = V
-            alpha = torch.tensor([1.0 - self._proj[x][1] for x in names], dtype=dtype)
+            alpha = torch.tensor([1.0 - self._proj[x][1] for x in names], dtype=dtype, device=device)
             self._groups.append((names, Vs, alpha))
 
     def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
@@ -183,10 +185,10 @@ class SafeAnchor(Method):
             if not idx:
                 continue
             if len(idx) < len(names):
-                sel = torch.tensor(idx)
+                sel = torch.tensor(idx, device=V.device)
                 V, alpha = V[sel], alpha[sel]
             G = torch.stack([grads[names[i]].reshape(-1) for i in idx])
-            out = project_batched(G, V.to(G.device), alpha.to(G.device))
+            out = project_batched(G, V, alpha)
             for j, i in enumerate(idx):
                 g = grads[names[i]]
                 g.copy_(out[j].view_as(g))
