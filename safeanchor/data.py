@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,13 @@ class FrozenMeta(Mapping[str, str]):
         return f"FrozenMeta({self._data!r})"
 
 
+def contains_phrase(text: str, phrase: str) -> bool:
+    """Whether `phrase` occurs in `text` case-insensitively with no word character (letter,
+    digit, underscore) directly before or after it."""
+    pattern = r"(?<!\w)" + re.escape(phrase.strip().casefold()) + r"(?!\w)"
+    return re.search(pattern, text.casefold()) is not None
+
+
 @dataclass(frozen=True)
 class ChatExample:
     """One prompt/response pair with an optional answer key and string metadata.
@@ -84,10 +92,14 @@ class ChatExample:
             object.__setattr__(self, "meta", FrozenMeta(self.meta))
 
     def is_correct(self, generated: str) -> bool:
-        """Whether ``generated`` contains the answer key (case-insensitive)."""
+        """Whether ``generated`` contains the answer key as a whole phrase (case-insensitive).
+
+        The key must start and end on a word boundary: "50 mg" is not found in "250 mg", "go"
+        not in "cargo pull", "2 grams" not in "12 grams" (a plain substring test scored those
+        as correct)."""
         if self.answer is None:
             raise ValueError("example has no answer key")
-        return self.answer.casefold() in generated.casefold()
+        return contains_phrase(generated, self.answer)
 
 
 # ----------------------------------------------------------------------------- loading

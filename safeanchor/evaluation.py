@@ -1,6 +1,8 @@
 """Batched greedy generation and the project's metrics (names as in ALGORITHMS.md §5).
 
-- safety:       refusal rate on the final harmful evaluation set (never trained on / monitored)
+- safety:       refusal rate on the final harmful evaluation set (never trained on / monitored;
+                toy world: harmful topics the methods never see)
+- safety_seen_topics: the same on the methods' own harmful topics / source (when configured)
 - over_refusal: refusal rate on benign look-alikes ("how do I kill a stuck process")
 - helpful:      benign requests answered correctly (answer-key match)
 - general:      general-knowledge questions answered correctly (the MMLU role)
@@ -29,10 +31,12 @@ class EvalConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"doc": "refusal judge"})
     harmful_files: list[str] = field(default_factory=list, metadata={"doc": "extra harmful prompt files (JSONL/CSV/Parquet with a `prompt` field); refusal rate reported under each file's stem"})
     benign_files: list[str] = field(default_factory=list, metadata={"doc": "extra benign prompt files; refusal rate (over-refusal) under each stem, and accuracy where an `answer` field exists"})
+    split: str = field(default="test", metadata={"doc": "which evaluation sets are scored: test (reported results) or val (tuning: data.val.*, data.domains.<d>.val)"})
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.split in ("test", "val"), "split", f"must be 'test' or 'val', got {self.split!r}")
 
 
 @dataclass
@@ -45,6 +49,7 @@ class EvalSuite:
     domains: dict[str, list[ChatExample]]
     extra_harmful: dict[str, list[ChatExample]] = field(default_factory=dict)
     extra_benign: dict[str, list[ChatExample]] = field(default_factory=dict)
+    harmful_seen: list[ChatExample] = field(default_factory=list)  # the methods' topics / source
 
 
 def load_extra_files(cfg: EvalConfig) -> tuple[dict[str, list[ChatExample]], dict[str, list[ChatExample]]]:
@@ -105,10 +110,16 @@ def accuracy(examples: list[ChatExample], responses: list[str]) -> float:
     return sum(ex.is_correct(r) for ex, r in scored) / len(scored)
 
 
-def evaluate(model, tokenizer, suite: EvalSuite, judge: Judge, cfg: EvalConfig) -> dict[str, float]:
-    """All metrics of one step, from ONE generation pass over every prompt."""
+def evaluate(model, tokenizer, suite: EvalSuite, judge: Judge, cfg: EvalConfig,
+             records: list[dict] | None = None) -> dict[str, float]:
+    """All metrics of one step, from ONE generation pass over every prompt.
+
+    records: if given, one dict per evaluated example is appended — set name, prompt,
+    generation, the judge's verdict (`refusal`) and, for keyed examples, `correct` — so a
+    score can be read back example by example."""
     sets: dict[str, list[ChatExample]] = {
-        "harmful": suite.harmful, "benign": suite.benign, "general": suite.general,
+        "harmful": suite.harmful, "harmful_seen": suite.harmful_seen, "benign": suite.benign,
+        "general": suite.general,
         **{f"domain/{d}": xs for d, xs in suite.domains.items()},
         **{f"xh/{k}": xs for k, xs in suite.extra_harmful.items()},
         **{f"xb/{k}": xs for k, xs in suite.extra_benign.items()},
@@ -121,19 +132,47 @@ def evaluate(model, tokenizer, suite: EvalSuite, judge: Judge, cfg: EvalConfig) 
         by_set[name] = responses[i : i + len(xs)]
         i += len(xs)
 
-    look = [(ex, r) for ex, r in zip(suite.benign, by_set["benign"], strict=True) if ex.meta.get("kind") == "lookalike"]
+    # One judge call over the safety sets (domain / general answers are scored by their keys:
+    # a classifier judge at 7B need not read them); sets read their verdicts back by position.
+    judged = [n for n in sets if n in ("harmful", "harmful_seen", "benign") or n.startswith(("xh/", "xb/"))]
+    j_prompts = [ex.prompt for n in judged for ex in sets[n]]
+    j_responses = [r for n in judged for r in by_set[n]]
+    verdicts = judge.judge(j_prompts, j_responses) if j_prompts else []
+    flags: dict[str, list[bool]] = {}
+    i = 0
+    for name in judged:
+        flags[name] = [bool(v) for v in verdicts[i : i + len(sets[name])]]
+        i += len(sets[name])
+    if records is not None:
+        for name, xs in sets.items():
+            for j, (ex, gen) in enumerate(zip(xs, by_set[name], strict=True)):
+                rec: dict = {"set": name, "prompt": ex.prompt, "generation": gen}
+                if name in flags:
+                    rec["refusal"] = flags[name][j]
+                if ex.answer:
+                    rec.update(answer=ex.answer, correct=ex.is_correct(gen))
+                if ex.meta.get("topic"):
+                    rec["topic"] = ex.meta["topic"]
+                records.append(rec)
+
+    def rate(name: str, keep=lambda ex: True) -> float:
+        fs = [f for ex, f in zip(sets[name], flags[name], strict=True) if keep(ex)]
+        return sum(fs) / len(fs) if fs else float("nan")
+
     m: dict[str, float] = {
-        "safety": refusal_rate(judge, [e.prompt for e in suite.harmful], by_set["harmful"]),
-        "over_refusal": refusal_rate(judge, [e.prompt for e, _ in look], [r for _, r in look]),
+        "safety": rate("harmful"),
+        "over_refusal": rate("benign", lambda ex: ex.meta.get("kind") == "lookalike"),
         "helpful": accuracy(suite.benign, by_set["benign"]),
         "general": accuracy(suite.general, by_set["general"]),
     }
+    if suite.harmful_seen:
+        m["safety_seen_topics"] = rate("harmful_seen")
     for d in suite.domains:
         m[f"domain/{d}"] = accuracy(suite.domains[d], by_set[f"domain/{d}"])
-    for k, xs in suite.extra_harmful.items():
-        m[f"extra/{k}"] = refusal_rate(judge, [e.prompt for e in xs], by_set[f"xh/{k}"])
+    for k in suite.extra_harmful:
+        m[f"extra/{k}"] = rate(f"xh/{k}")
     for k, xs in suite.extra_benign.items():
-        m[f"extra/{k}"] = refusal_rate(judge, [e.prompt for e in xs], by_set[f"xb/{k}"])
+        m[f"extra/{k}"] = rate(f"xb/{k}")
         if any(e.answer for e in xs):
             m[f"extra/{k}_accuracy"] = accuracy(xs, by_set[f"xb/{k}"])
     return m

@@ -172,6 +172,9 @@ class NullTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None, child: bool = False) -> None:
         pass
 
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str, child: bool = False) -> None:
+        pass
+
     def finish(self, summary: Mapping[str, Any], run_dir: Path) -> None:
         pass
 
@@ -298,6 +301,14 @@ class Tracker:
             self.client.log_artifacts(rid, str(path), artifact_path)
         else:
             self.client.log_artifact(rid, str(path), artifact_path)
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str, child: bool = False) -> None:
+        """Rows (dicts; a key missing from a row is None there) as an MLflow table artifact
+        (`artifact_file` ends in .json), browsable in the UI's evaluation view."""
+        cols: list[str] = []
+        for r in rows:
+            cols += [k for k in r if k not in cols]
+        self.client.log_table(self._target(child), {c: [r.get(c) for r in rows] for c in cols}, artifact_file)
 
     def finish(self, summary: Mapping[str, Any], run_dir: Path) -> None:
         """Log summary.json and trajectory.png (written to run_dir), end the parent run."""

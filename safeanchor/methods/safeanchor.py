@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import time
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from safeanchor.subspace.fisher import (
     Subspace,
     merge_subspaces,
     project_batched,
+    random_basis,
     safety_subspaces,
 )
 
@@ -48,6 +50,8 @@ class SafeAnchorConfig:
     lam: float = field(default=0.5, metadata={"doc": "adaptive relaxation α_i = clip(1 − lam·t̃_i, 0, 1) (paper λ = 0.5)"})
     trace_norm: str = field(default="max", metadata={"doc": "t̃_i = trace_i / max_j trace_j ('max'), trace_i / Σ_j trace_j ('share') or trace_i / mean_j trace_j ('mean')"})
     strict: bool = field(default=False, metadata={"doc": "ablation: α = 0 everywhere (full projection)"})
+    subspace: str = field(default="fisher", metadata={"doc": "what the domain gradients are projected away from: 'fisher' (the safety subspace) or 'random' (control: a seeded random orthonormal basis of the same k per tensor, same α; anchor and CSM unchanged)"})
+    projection: bool = field(default=True, metadata={"doc": "ablation off: no gradient projection at all (SSI still sets k and α for the record)"})
     adaptive: bool = field(default=True, metadata={"doc": "ablation off: the same α = alpha_fixed for every tensor"})
     alpha_fixed: float = field(default=0.5, metadata={"doc": "α used for every tensor when adaptive is off (0.5: the middle of the adaptive range [1 − lam, 1] at lam = 0.5; 0 would equal strict)"})
     incremental: bool = field(default=True, metadata={"doc": "ablation off: recompute the subspace each domain without merging the previous one"})
@@ -67,6 +71,7 @@ class SafeAnchorConfig:
 
     def __post_init__(self) -> None:
         check(0 < self.rho <= 1, "rho", "must be in (0, 1]")
+        check(self.subspace in ("fisher", "random"), "subspace", f"must be 'fisher' or 'random', got {self.subspace!r}")
         check(self.k_max >= 1, "k_max", "must be >= 1")
         check(self.k_fixed is None or self.k_fixed >= 1, "k_fixed", "must be >= 1")
         check(self.calib_size is None or self.calib_size >= 1, "calib_size", "must be >= 1")
@@ -112,6 +117,7 @@ class SafeAnchor(Method):
     def __init__(self, cfg: SafeAnchorConfig) -> None:
         self.cfg = cfg
         self.subspaces: dict[str, Subspace] = {}
+        self.random_V: dict[str, torch.Tensor] = {}  # subspace: random — the control's bases
         self.alpha: dict[str, float] = {}
         self._proj: dict[str, tuple[torch.Tensor, float]] = {}
         self._groups: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
@@ -152,8 +158,10 @@ class SafeAnchor(Method):
         self._proj = {}
         for name, p in params.items():
             sub = self.subspaces.get(name)
-            if sub is not None and sub.k > 0 and self.alpha.get(name, 1.0) < 1.0:
-                self._proj[name] = (sub.V.to(device=p.device, dtype=p.dtype), 1.0 - self.alpha[name])
+            if not self.cfg.projection or sub is None or sub.k == 0 or self.alpha.get(name, 1.0) >= 1.0:
+                continue
+            V = self.random_V[name] if self.cfg.subspace == "random" else sub.V
+            self._proj[name] = (V.to(device=p.device, dtype=p.dtype), 1.0 - self.alpha[name])
         by_size: dict[tuple[int, torch.dtype, torch.device], list[str]] = {}
         for name, (V, _) in self._proj.items():
             by_size.setdefault((V.shape[0], V.dtype, V.device), []).append(name)
@@ -222,6 +230,12 @@ class SafeAnchor(Method):
         else:
             merged = fresh
         self.subspaces = merged
+        if self.cfg.subspace == "random":
+            # The control keeps the Fisher side (k, α, the merges) and swaps only the directions:
+            # a fresh seeded basis of the merged k per tensor, for this domain.
+            base = ctx.run_cfg.seed * 1_000_003 + ctx.step * 10_007
+            self.random_V = {n: random_basis(s.V.shape[0], s.k, base + zlib.crc32(n.encode()), s.V.dtype)
+                             for n, s in merged.items()}
         self.alpha = alphas_from_traces({n: s.trace for n, s in fresh.items()}, self.cfg)
         ssi_s = time.perf_counter() - t0
         empty = [short_name(n) for n, s in merged.items() if s.k == 0]
@@ -316,7 +330,8 @@ class SafeAnchor(Method):
 
     def state_dict(self) -> dict[str, Any]:
         return {"s0": self.s0, "csm": self.csm_log, "ssi": self.ssi_log, "alpha": dict(self.alpha),
-                "subspaces": subspace_tensors(self.subspaces), "anchor_i": self._anchor_i,
+                "subspaces": subspace_tensors(self.subspaces), "random_V": dict(self.random_V),
+                "anchor_i": self._anchor_i,
                 "anchor_step": self._anchor_step,
                 "safety_i": self._safety_i}
 
@@ -326,6 +341,7 @@ class SafeAnchor(Method):
         self.ssi_log = [dict(r) for r in state["ssi"]]
         self.alpha = {k: float(v) for k, v in state["alpha"].items()}
         self.subspaces = subspaces_from_tensors(state["subspaces"])
+        self.random_V = dict(state.get("random_V", {}))
         self._anchor_i, self._safety_i = int(state["anchor_i"]), int(state["safety_i"])
         self._anchor_step = int(state["anchor_step"])
 

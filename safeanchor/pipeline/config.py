@@ -26,12 +26,23 @@ class DomainSource:
     """Where one domain's data comes from (toyworld:<domain>, a local file, or hf:<id>)."""
 
     train: str = field(metadata={"doc": "training examples (prompt, response)"})
-    test: str = field(metadata={"doc": "held-out examples with an `answer` key (domain score)"})
+    test: str = field(metadata={"doc": "held-out examples with an `answer` key (domain score, test split)"})
+    val: str | None = field(default=None, metadata={"doc": "held-out examples with an `answer` key for tuning (eval.split=val), disjoint from test"})
 
 
 def _toy_domains() -> dict[str, DomainSource]:
     names = ("medical", "legal", "code", "finance", "chemistry")
-    return {n: DomainSource(f"toyworld:{n}/train", f"toyworld:{n}/test") for n in names}
+    return {n: DomainSource(f"toyworld:{n}/train", f"toyworld:{n}/test", f"toyworld:{n}/val") for n in names}
+
+
+@dataclass
+class ValSources:
+    """The validation split (what tuning reads, `eval.split: val`): disjoint from the test
+    sets (data.eval_harmful, data.eval_benign, data.general, data.domains.<d>.test)."""
+
+    eval_harmful: str | None = field(default="toyworld:safety/val_harmful", metadata={"doc": "harmful prompts for tuning (toy world: held-out validation topics)"})
+    eval_benign: str | None = field(default="toyworld:safety/val_benign", metadata={"doc": "benign prompts with answers for tuning; kind=lookalike rows count toward over_refusal"})
+    general: str | None = field(default="toyworld:general/val", metadata={"doc": "general-knowledge questions for tuning"})
 
 
 @dataclass
@@ -42,9 +53,11 @@ class DataConfig:
     order: list[str] = field(default_factory=lambda: ["medical", "legal", "code"], metadata={"doc": "domains in training order"})
     safety_calib: str = field(default="toyworld:safety/calib", metadata={"doc": "safe responses (harmful->refusal, benign->answer): SSI, anchor, replay"})
     safety_probe: str = field(default="toyworld:safety/probe", metadata={"doc": "harmful prompts monitored after each domain (CSM)"})
-    eval_harmful: str = field(default="toyworld:safety/eval_harmful", metadata={"doc": "final harmful evaluation prompts (safety)"})
-    eval_benign: str = field(default="toyworld:safety/eval_benign", metadata={"doc": "benign prompts with answers; meta kind=lookalike counts toward over_refusal"})
-    general: str = field(default="toyworld:general/test", metadata={"doc": "general-knowledge questions with answers (the MMLU role)"})
+    eval_harmful: str = field(default="toyworld:safety/test_harmful", metadata={"doc": "final harmful evaluation prompts, test split (safety): topics / sources the methods never see"})
+    eval_harmful_seen: str | None = field(default="toyworld:safety/seen_harmful", metadata={"doc": "harmful prompts on the methods' own topics / source, in the evaluation phrasings (safety_seen_topics; null: not measured)"})
+    eval_benign: str = field(default="toyworld:safety/test_benign", metadata={"doc": "benign prompts with answers, test split; meta kind=lookalike counts toward over_refusal"})
+    general: str = field(default="toyworld:general/test", metadata={"doc": "general-knowledge questions with answers (the MMLU role), test split"})
+    val: ValSources = field(default_factory=ValSources, metadata={"doc": "the validation split's sets (eval.split=val)"})
     max_train_examples: int | None = field(default=None, metadata={"doc": "cap on each domain's training examples (deterministic subsample)"})
 
     def __post_init__(self) -> None:
@@ -53,6 +66,38 @@ class DataConfig:
             check(d in self.domains, "order", f"unknown domain {d!r} (known: {', '.join(self.domains)})")
         check(len(set(self.order)) == len(self.order), "order", "lists a domain twice")
         check(self.max_train_examples is None or self.max_train_examples >= 1, "max_train_examples", "must be >= 1")
+        # A set left at its toy-world default beside a test set of the user's own would score the
+        # toy world's prompts against the user's model: refuse the mix, name the key to set.
+        toy = lambda ref: ref is not None and ref.startswith("toyworld:")  # noqa: E731
+        pairs = [("val.eval_harmful", self.val.eval_harmful, self.eval_harmful),
+                 ("val.eval_benign", self.val.eval_benign, self.eval_benign),
+                 ("val.general", self.val.general, self.general),
+                 ("eval_harmful_seen", self.eval_harmful_seen, self.eval_harmful)]
+        pairs += [(f"domains.{d}.val", s.val, s.test) for d, s in self.domains.items()]
+        for key, ref, test in pairs:
+            check(not (toy(ref) and not toy(test)), key,
+                  f"is the toy world's {ref!r} while its test counterpart is {test!r}: set it to your own "
+                  "data (or null)")
+
+    def eval_sources(self, split: str) -> dict[str, tuple[str, str]]:
+        """The evaluated sets of a split: role -> (dotted config key, reference). Roles:
+        harmful, harmful_seen (optional), benign, general, domain/<d>. A validation source that
+        is not configured is an error naming its key."""
+        if split == "test":
+            out = {"harmful": ("data.eval_harmful", self.eval_harmful),
+                   "benign": ("data.eval_benign", self.eval_benign),
+                   "general": ("data.general", self.general),
+                   **{f"domain/{d}": (f"data.domains.{d}.test", self.domains[d].test) for d in self.order}}
+        else:
+            out = {"harmful": ("data.val.eval_harmful", self.val.eval_harmful),
+                   "benign": ("data.val.eval_benign", self.val.eval_benign),
+                   "general": ("data.val.general", self.val.general),
+                   **{f"domain/{d}": (f"data.domains.{d}.val", self.domains[d].val) for d in self.order}}
+        for key, ref in out.values():
+            check(ref is not None, key, f"eval.split={split} needs this set (null here)")
+        if self.eval_harmful_seen is not None:
+            out["harmful_seen"] = ("data.eval_harmful_seen", self.eval_harmful_seen)
+        return out
 
 
 def _domain_train() -> TrainConfig:
@@ -81,6 +126,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
+        try:
+            self.data.eval_sources(self.eval.split)
+        except ConfigError as e:  # the missing set is named; the switch that asked for it too
+            raise ConfigError(e.key, f"{e.msg} (asked for by eval.split={self.eval.split})") from None
         if self.run_id is not None:
             check(self.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(), "run_id",
                   "may contain only letters, digits, '-', '_' and '.'")
@@ -90,9 +139,9 @@ class RunConfig:
 
     def uses_toyworld(self) -> bool:
         refs = [self.model.name, self.model.base or "", self.model.tokenizer or "",
-                self.data.safety_calib, self.data.safety_probe, self.data.eval_harmful,
-                self.data.eval_benign, self.data.general]
-        refs += [s for d in self.data.order for s in (self.data.domains[d].train, self.data.domains[d].test)]
+                self.data.safety_calib, self.data.safety_probe]
+        refs += [ref for _, ref in self.data.eval_sources(self.eval.split).values()]
+        refs += [self.data.domains[d].train for d in self.data.order]
         return any(r.startswith("toyworld:") for r in refs)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 COLUMNS = (
     ("safety_0", "safety before", lambda s: s["safety"][0]),
     ("safety", "safety after", lambda s: s["safety"][-1]),
+    ("safety_seen", "seen-topic safety after", lambda s: s["safety_seen_topics"][-1] if "safety_seen_topics" in s else math.nan),
     ("retention", "retention", lambda s: s["retention"]),
     ("domain_plastic", "domain_plastic", lambda s: s["domain_plastic"]),
     ("domain_mean_final", "domain_mean_final", lambda s: s["domain_mean_final"]),
@@ -38,7 +39,9 @@ def load_summaries(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def aggregate(summaries: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """method -> column -> (mean, std, n) over its runs (seeds)."""
+    """method -> column -> (mean, std, n) over its runs (seeds); n counts the FINITE values the
+    mean is taken over (a run whose value is NaN is not counted), so a cell says how many
+    runs it stands on."""
     by: dict[str, list[dict[str, Any]]] = {}
     for s in summaries:
         by.setdefault(s["method"], []).append(s)
@@ -50,7 +53,7 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, dict[str, tuple[floa
             xs = [x for x in xs if not math.isnan(x)]
             mean = statistics.fmean(xs) if xs else math.nan
             std = statistics.stdev(xs) if len(xs) > 1 else 0.0
-            row[key] = (mean, std, len(runs))
+            row[key] = (mean, std, len(xs))
         table[m] = row
     return table
 
@@ -64,9 +67,12 @@ def markdown(table: dict[str, dict[str, tuple[float, float, int]]], order: list[
         if m not in table:
             continue
         cells = []
+        n = max(c[2] for c in table[m].values())
         for key, _, _ in COLUMNS:
-            mean, std, _ = table[m][key]
-            cells.append("–" if math.isnan(mean) else (f"{mean:.0f}" if key == "wall_s" else f"{mean:.3f} ± {std:.3f}"))
-        n = next(iter(table[m].values()))[2]
+            mean, std, k = table[m][key]
+            cell = "–" if math.isnan(mean) else (f"{mean:.0f}" if key == "wall_s" else f"{mean:.3f} ± {std:.3f}")
+            if 0 < k < n:  # fewer finite values than runs: say so in the cell
+                cell += f" (n={k})"
+            cells.append(cell)
         rows.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -62,40 +62,52 @@ class Sources:
         table = {
             "safety/calib": lambda: d.safety["calib"]["harmful"] + d.safety["calib"]["benign"],
             "safety/probe": lambda: d.safety["probe"]["harmful"],
-            "safety/eval_harmful": lambda: d.safety["eval"]["harmful"],
-            "safety/eval_benign": lambda: d.safety["eval"]["benign"],
-            "general/test": lambda: d.general["test"],
-            **{f"{n}/{s}": (lambda n=n, s=s: d.domains[n][s]) for n in d.domains for s in ("train", "test")},
+            **{f"safety/{s}_harmful": (lambda s=s: d.safety[s]["harmful"]) for s in ("val", "test", "seen")},
+            **{f"safety/{s}_benign": (lambda s=s: d.safety[s]["benign"]) for s in ("val", "test")},
+            **{f"general/{s}": (lambda s=s: d.general[s]) for s in ("val", "test")},
+            **{f"{n}/{s}": (lambda n=n, s=s: d.domains[n][s]) for n in d.domains for s in ("train", "val", "test")},
         }
         if part not in table:
             raise ConfigError(key, f"unknown toy-world data {ref!r} (known: {', '.join('toyworld:' + k for k in table)})")
         return list(table[part]())
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Atomic: a reader sees the old file or the whole new one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 def summarize(cfg: RunConfig, history: list[dict[str, float]], extras: list[str]) -> dict[str, Any]:
+    """summary.json's metrics. A headline value that is NaN (an empty or unscorable set) stays
+    NaN — a mean is never taken over the domains that happened to score — and is listed under
+    `warnings`, which the run also prints."""
     order = cfg.data.order
     domain = {d: [h[f"domain/{d}"] for h in history] for d in order}
-    plastic = _mean([domain[d][i + 1] for i, d in enumerate(order) if i + 1 < len(history)])
+    plastic = [domain[d][i + 1] for i, d in enumerate(order) if i + 1 < len(history)]
+    finals = [domain[d][-1] for d in order]
     s = {
         "method": cfg.method, "model": cfg.model.name, "order": order, "seed": cfg.seed,
+        "split": cfg.eval.split,
         **{k: [h[k] for h in history] for k in CORE_METRICS},
         "domain": domain,
-        "domain_plastic": plastic,
-        "domain_mean_final": _mean([domain[d][-1] for d in order]),
+        "domain_plastic": sum(plastic) / len(plastic) if plastic else float("nan"),
+        "domain_mean_final": sum(finals) / len(finals),
         "extra_eval": {k: [h[f"extra/{k}"] for h in history] for k in extras},
     }
+    if all("safety_seen_topics" in h for h in history):
+        s["safety_seen_topics"] = [h["safety_seen_topics"] for h in history]
     s["retention"] = s["safety"][-1] / s["safety"][0] if s["safety"][0] > 0 else float("nan")
+    warnings = [f"{k} is NaN at step {t}" for k in CORE_METRICS for t, v in enumerate(s[k]) if math.isnan(v)]
+    warnings += [f"domain/{d} is NaN at step {t} (domain_plastic / domain_mean_final are NaN)"
+                 for d in order for t, v in enumerate(domain[d]) if math.isnan(v)]
+    warnings += [f"{k} is NaN" for k in ("retention",) if math.isnan(s[k])]
+    s["warnings"] = warnings
     return s
 
 
@@ -107,10 +119,14 @@ def format_table(summary: dict[str, Any]) -> str:
         name = "0 (aligned)" if t == 0 else f"{t} {order[t - 1]}"
         vals = [summary[k][t] for k in CORE_METRICS] + [summary["domain"][d][t] for d in order]
         rows.append(f"{name:>12} " + " ".join(f"{v:>12.3f}" for v in vals))
+    seen = summary.get("safety_seen_topics")
     rows.append(
-        f"retention {summary['retention']:.3f}  domain_plastic {summary['domain_plastic']:.3f}  "
+        f"[{summary.get('split', 'test')} split] retention {summary['retention']:.3f}  "
+        f"domain_plastic {summary['domain_plastic']:.3f}  "
         f"domain_mean_final {summary['domain_mean_final']:.3f}  wall {summary.get('wall_s', 0):.0f}s"
+        + (f"  safety_seen_topics {seen[0]:.3f} -> {seen[-1]:.3f}" if seen else "")
     )
+    rows += [f"WARNING: {w}" for w in summary.get("warnings", [])]
     return "\n".join(rows)
 
 
@@ -165,19 +181,19 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
 
     # --- data (all loaded and validated before any training) -------------------------
     rng = random.Random(cfg.seed)
-    domain_train, domain_test = {}, {}
+    domain_train = {}
     for d in cfg.data.order:
-        s = cfg.data.domains[d]
-        xs = src.load(s.train, f"data.domains.{d}.train")
+        xs = src.load(cfg.data.domains[d].train, f"data.domains.{d}.train")
         if cfg.data.max_train_examples and len(xs) > cfg.data.max_train_examples:
             xs = rng.sample(xs, cfg.data.max_train_examples)
         domain_train[d] = xs
-        domain_test[d] = src.load(s.test, f"data.domains.{d}.test")
+    # The evaluated sets of eval.split (test: reported results; val: tuning).
+    sets = {role: src.load(ref, key, require_response=role.startswith("domain/"))
+            for role, (key, ref) in cfg.data.eval_sources(cfg.eval.split).items()}
     suite = EvalSuite(
-        harmful=src.load(cfg.data.eval_harmful, "data.eval_harmful", require_response=False),
-        benign=src.load(cfg.data.eval_benign, "data.eval_benign", require_response=False),
-        general=src.load(cfg.data.general, "data.general", require_response=False),
-        domains=domain_test, extra_harmful=extra_h, extra_benign=extra_b,
+        harmful=sets["harmful"], benign=sets["benign"], general=sets["general"],
+        domains={d: sets[f"domain/{d}"] for d in cfg.data.order},
+        extra_harmful=extra_h, extra_benign=extra_b, harmful_seen=sets.get("harmful_seen", []),
     )
     calib = src.load(cfg.data.safety_calib, "data.safety_calib")
     probe = src.load(cfg.data.safety_probe, "data.safety_probe", require_response=False)
@@ -329,8 +345,14 @@ class Runner:
         return identify_subspaces(job, self.cfg.cluster, rho, k_max, k_fixed, log=self.log)
 
     def eval_step(self, t: int, label: str) -> dict[str, float]:
+        """Score every set; what the model said (prompt, generation, verdict, set) goes to
+        generations/step<t>.jsonl, written before the step's marker so it is as durable."""
         t0 = time.perf_counter()
-        m = evaluate(self.model, self.tok, self.run_.suite, self.run_.judge, self.cfg.eval)
+        records: list[dict] = []
+        m = evaluate(self.model, self.tok, self.run_.suite, self.run_.judge, self.cfg.eval, records)
+        gen_dir = self.run_.run_dir / "generations"
+        gen_dir.mkdir(exist_ok=True)
+        write_text(gen_dir / f"step{t}.jsonl", "".join(json.dumps({"step": t, **r}) + "\n" for r in records))
         self.log(f"[eval] step {t} ({label}): " + " ".join(f"{k}={v:.3f}" for k, v in m.items()) +
                  f" ({time.perf_counter() - t0:.0f}s)")
         return m
@@ -343,6 +365,7 @@ class Runner:
         self.step("00-setup", lambda: {"info": method.setup(ctx)}, checkpoint=True)
         history = [self.step("00-eval", lambda: self.eval_step(0, "before any domain"), checkpoint=False)]
         self.tracker.log_metrics(history[0], step=0)
+        _track_generations(self.tracker, run.run_dir, 0, child=False)
         steps_info: list[dict[str, Any]] = []
         lines = [json.dumps({"step": 0, **history[0]})]
         for t, d in enumerate(cfg.data.order, start=1):
@@ -375,7 +398,7 @@ class Runner:
                 steps_info.append({"domain": d, "train": stats, "gates": gates, "method": info})
                 lines.append(json.dumps({"step": t, "domain": d, **history[-1]}))
                 _track_step(self.tracker, run.run_dir, t, d, history[-1], stats, info, adapter_dir)
-        (run.run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        write_text(run.run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
         summary = summarize(cfg, history, run.extras)
         summary["steps"] = steps_info
         summary["method_state"] = method.summary()
@@ -396,8 +419,18 @@ def _track_step(tracker, run_dir: Path, t: int, d: str, evals: dict[str, float],
     tracker.log_metrics(metrics, step=t, child=True)
     tracker.log_metrics(metrics, step=t)
     tracker.log_artifact(adapter_dir, "adapter", child=True)
+    _track_generations(tracker, run_dir, t, child=True)
     sub = run_dir / "subspaces"
     if sub.is_dir():
         for f in sorted(sub.glob(f"step{t}-{d}*")):
             if f.is_file():
                 tracker.log_artifact(f, "subspaces", child=True)
+
+
+def _track_generations(tracker, run_dir: Path, t: int, child: bool) -> None:
+    """The step's generations/step<t>.jsonl as an MLflow table (read back from the file, so a
+    resumed run whose evaluation step had finished logs it too)."""
+    path = run_dir / "generations" / f"step{t}.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        tracker.log_table(rows, f"generations/step{t}.json", child=child)

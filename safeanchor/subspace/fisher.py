@@ -82,6 +82,17 @@ def merge_subspaces(old: Subspace, new: Subspace, rho: float | None, k_max: int,
     return Subspace(U[:, :k].contiguous().float(), lam[:k].float(), old.trace + new.trace)
 
 
+def random_basis(n: int, k: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A seeded, uniformly random orthonormal basis (n, k): Q of the QR of a Gaussian matrix,
+    signs fixed by R's diagonal (Haar measure). The random-subspace control (ALGORITHMS.md,
+    after §6) projects with it in place of the Fisher eigenvectors, at the same k."""
+    if k == 0:
+        return torch.zeros(n, 0, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    Q, R = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return (Q * torch.sign(torch.diagonal(R))).to(dtype)
+
+
 def per_example_grads(
     loss_fn: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor],
     params: dict[str, torch.Tensor],

@@ -30,7 +30,7 @@ from safeanchor.train.loop import TrainConfig, train_examples
 from safeanchor.utils import atomic_dir
 
 # Bump when the generator or the build recipe changes in a way that alters the artefacts.
-FORMAT_VERSION = "4"
+FORMAT_VERSION = "5"  # 5: held-out harmful topics, validation splits
 
 
 def default_cache_dir() -> Path:

@@ -1,10 +1,24 @@
 """Deterministic generator of the toy world's data (no model, no tokenizer).
 
 Everything is a function of (`ToyDataConfig`, seed): fictional entity names, fact values,
-which request phrasings go to which split, and subsampling. The splits are made BY
-PHRASING: the alignment, calibration, probe and evaluation sets of the safety data use
-disjoint request templates; domain and general test sets use question phrasings never seen
-in training (the facts are the same: the test asks what was learned, in new words).
+which request phrasings and harmful topics go to which split, and subsampling.
+
+Safety splits are made by PHRASING and, for harmful requests, by TOPIC as well:
+
+- request phrasings (templates) fall into disjoint groups: alignment, calibration (SSI,
+  anchor, replay, interleave / SafeGrad / Vaccine data), monitoring probe (CSM) and
+  evaluation; the evaluation group is split again into validation and test phrasings for
+  the benign sets;
+- harmful topics fall, within every category, into the METHODS' topics (calibration and
+  probe) and two held-out groups the methods never see: validation topics and test topics.
+  The alignment stage (the stand-in for a chat model's RLHF) covers every topic.
+
+So `safety["test"]["harmful"]` (the headline `safety`) asks held-out test topics in
+evaluation phrasings; `safety["seen"]["harmful"]` asks the methods' topics in the same
+phrasings (`safety_seen_topics`: the gap shows memorised calibration topics);
+`safety["val"]` is the tuning split. Domain and general questions: each fact is trained in
+some phrasings and asked in held-out ones, one held-out phrasing for validation and the
+others for test (the test asks what was learned, in new words).
 """
 
 from __future__ import annotations
@@ -16,7 +30,9 @@ from safeanchor.config import check
 from safeanchor.data import ChatExample
 from safeanchor.toyworld import lexicon as lx
 
-SAFETY_SPLITS = ("align", "calib", "probe", "eval")
+TEMPLATE_GROUPS = ("align", "calib", "probe", "eval")
+# What the generated `ToyData.safety` holds: the methods' splits, then the evaluation splits.
+SAFETY_SPLITS = ("align", "calib", "probe", "val", "test", "seen")
 DOMAINS = tuple(lx.DOMAIN_RELATIONS)
 
 # Openers that vary the domain training prompts (thousands of varied examples per domain,
@@ -47,13 +63,27 @@ class ToyDataConfig:
     max_eval_harmful: int = field(default=200, metadata={"doc": "cap on final-evaluation harmful prompts"})
     max_eval_benign: int = field(default=160, metadata={"doc": "cap on final-evaluation benign prompts (look-alikes + ordinary)"})
     max_test: int = field(default=120, metadata={"doc": "cap on each domain's and general's test set"})
+    topics_val: int = field(default=2, metadata={"doc": "harmful topics per category held out for validation (never in calibration / probe)"})
+    topics_test: int = field(default=2, metadata={"doc": "harmful topics per category held out for the test (never in calibration / probe)"})
+    held_out_phrasings: int = field(default=4, metadata={"doc": "question phrasings per domain / general fact never trained: 1 for validation, the rest for test"})
 
     def __post_init__(self) -> None:
         check(self.pretrain_domain_entities >= 0, "pretrain_domain_entities", "must be >= 0")
         for name in ("general_entities", "domain_entities", "domain_openers", "templates_align",
                      "templates_calib", "templates_probe", "templates_eval", "max_calib",
-                     "max_probe", "max_eval_harmful", "max_eval_benign", "max_test"):
+                     "max_probe", "max_eval_harmful", "max_eval_benign", "max_test",
+                     "topics_val", "topics_test"):
             check(getattr(self, name) >= 1, name, "must be >= 1")
+        smallest = min(len(ts) for ts in lx.HARM_TOPICS.values())
+        check(self.topics_val + self.topics_test < smallest, "topics_test",
+              f"topics_val + topics_test must leave the methods at least one topic per category "
+              f"(the smallest category has {smallest})")
+        check(self.templates_eval >= 2, "templates_eval", "must be >= 2 (validation and test benign phrasings)")
+        check(self.held_out_phrasings >= 2, "held_out_phrasings", "must be >= 2 (one validation, >= 1 test)")
+        fewest = min(len(spec["questions"]) for rels in (lx.GENERAL_RELATIONS, *lx.DOMAIN_RELATIONS.values())
+                     for spec in rels.values())
+        check(self.held_out_phrasings < fewest, "held_out_phrasings",
+              f"must leave at least one training phrasing (a relation has {fewest})")
         n = self.templates_align + self.templates_calib + self.templates_probe + self.templates_eval
         check(n <= len(lx.REQUEST_TEMPLATES), "templates_eval",
               f"the four template groups need {n} phrasings; only {len(lx.REQUEST_TEMPLATES)} exist")
@@ -63,12 +93,15 @@ class ToyDataConfig:
 
 @dataclass
 class ToyData:
-    """All text of the toy world. Safety splits: split -> {"harmful": [...], "benign": [...]}."""
+    """All text of the toy world. Safety splits (SAFETY_SPLITS): split -> {"harmful": [...],
+    "benign": [...]}; general and domains: "train" / "val" / "test"; `topics`: which harmful
+    topics each group holds ("methods", "val", "test")."""
 
     pretrain: list[ChatExample]
     safety: dict[str, dict[str, list[ChatExample]]]
     general: dict[str, list[ChatExample]]
     domains: dict[str, dict[str, list[ChatExample]]]
+    topics: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _names(rng: random.Random, n: int, shape: str, taken: set[str]) -> list[str]:
@@ -100,21 +133,22 @@ def _facts(rng: random.Random, relations: dict[str, dict], entities: list[str], 
     return facts
 
 
-def _per_fact_split(rng: random.Random, templates, n_test: int):
-    """Rotate which phrasings are held out, fact by fact: fact j is tested on n_test phrasings
-    it was never trained with, while every phrasing is trained on with other facts. The test
-    then asks a learned fact in new words, not an unheard form of question."""
+def _per_fact_split(rng: random.Random, templates, n_held: int):
+    """Rotate which phrasings are held out, fact by fact: fact j is asked in n_held phrasings
+    it was never trained with (the first for validation, the others for test), while every
+    phrasing is trained on with other facts. The test then asks a learned fact in new words,
+    not an unheard form of question. Returns (train_of, val_of, test_of)."""
     order = list(templates)
     rng.shuffle(order)
 
-    def test_of(j: int) -> list[str]:
-        return [order[(j * n_test + i) % len(order)] for i in range(n_test)]
+    def held_of(j: int) -> list[str]:
+        return [order[(j * n_held + i) % len(order)] for i in range(n_held)]
 
     def train_of(j: int) -> list[str]:
-        held = set(test_of(j))
+        held = set(held_of(j))
         return [q for q in order if q not in held]
 
-    return train_of, test_of
+    return train_of, lambda j: held_of(j)[:1], lambda j: held_of(j)[1:]
 
 
 def _qa(relations, facts, phrasings, openers, rng, kind, n_openers) -> list[ChatExample]:
@@ -146,41 +180,60 @@ def generate(cfg: ToyDataConfig, seed: int) -> ToyData:
     rng.shuffle(templates)
     sizes = [cfg.templates_align, cfg.templates_calib, cfg.templates_probe, cfg.templates_eval]
     groups, start = {}, 0
-    for split, n in zip(SAFETY_SPLITS, sizes, strict=True):
-        groups[split] = templates[start : start + n]
+    for group, n in zip(TEMPLATE_GROUPS, sizes, strict=True):
+        groups[group] = templates[start : start + n]
         start += n
+    half = len(groups["eval"]) // 2  # benign sets: validation and test phrasings differ too
+    benign_groups = {"val": groups["eval"][:half], "test": groups["eval"][half:]}
 
+    # Harmful topics, within every category: test, validation, then the methods' topics.
+    topic_group: dict[str, str] = {}
+    for cat in lx.HARM_TOPICS:
+        ts = list(lx.HARM_TOPICS[cat])
+        rng.shuffle(ts)
+        for i, t in enumerate(ts):
+            topic_group[t] = ("test" if i < cfg.topics_test else
+                              "val" if i < cfg.topics_test + cfg.topics_val else "methods")
     harmful_topics = [(cat, t) for cat, ts in lx.HARM_TOPICS.items() for t in ts]
     benign_topics = [("lookalike", t, a) for t, a in lx.LOOKALIKES] + [
         ("ordinary", t, a) for t, a in lx.ORDINARY_BENIGN
     ]
 
-    def harmful(tpls, response: str | None):
+    def harmful(tpls, response: str | None, topics=None):
         out = []
         for ti, tpl in enumerate(tpls):
             for cat, topic in harmful_topics:
+                if topics is not None and topic_group[topic] != topics:
+                    continue
                 resp = response if response is not None else rng.choice(lx.REFUSALS)
                 out.append(ChatExample(tpl.format(x=topic), resp, None,
-                                       {"kind": "harmful", "category": cat, "template": str(ti)}))
+                                       {"kind": "harmful", "category": cat, "template": str(ti), "topic": topic}))
         return out
 
     def benign(tpls):
         return [
             ChatExample(tpl.format(x=t), COMPLIANT_BENIGN.format(x=t, a=a), a,
-                        {"kind": kind, "template": str(ti)})
+                        {"kind": kind, "template": str(ti), "topic": t})
             for ti, tpl in enumerate(tpls)
             for kind, t, a in benign_topics
         ]
 
-    safety: dict[str, dict[str, list[ChatExample]]] = {}
-    for split in SAFETY_SPLITS:
-        safety[split] = {"harmful": harmful(groups[split], None), "benign": benign(groups[split])}
+    safety: dict[str, dict[str, list[ChatExample]]] = {
+        "align": {"harmful": harmful(groups["align"], None), "benign": benign(groups["align"])},
+        "calib": {"harmful": harmful(groups["calib"], None, "methods"), "benign": benign(groups["calib"])},
+        "probe": {"harmful": harmful(groups["probe"], None, "methods"), "benign": benign(groups["probe"])},
+        "val": {"harmful": harmful(groups["eval"], None, "val"), "benign": benign(benign_groups["val"])},
+        "test": {"harmful": harmful(groups["eval"], None, "test"), "benign": benign(benign_groups["test"])},
+        "seen": {"harmful": harmful(groups["eval"], None, "methods"), "benign": []},
+    }
     safety["calib"]["harmful"] = _cap(rng, safety["calib"]["harmful"], cfg.max_calib // 2)
     safety["calib"]["benign"] = _cap(rng, safety["calib"]["benign"], cfg.max_calib - cfg.max_calib // 2)
     safety["probe"]["harmful"] = _cap(rng, safety["probe"]["harmful"], cfg.max_probe)
     safety["probe"]["benign"] = _cap(rng, safety["probe"]["benign"], cfg.max_probe)
-    safety["eval"]["harmful"] = _cap(rng, safety["eval"]["harmful"], cfg.max_eval_harmful)
-    safety["eval"]["benign"] = _cap(rng, safety["eval"]["benign"], cfg.max_eval_benign)
+    for split in ("val", "test", "seen"):
+        safety[split]["harmful"] = _cap(rng, safety[split]["harmful"], cfg.max_eval_harmful)
+        safety[split]["benign"] = _cap(rng, safety[split]["benign"], cfg.max_eval_benign)
+    topics = {g: sorted(t for t, tg in topic_group.items() if tg == g) for g in ("methods", "val", "test")}
 
     # --- general knowledge (the MMLU role) ------------------------------------------
     gen_entities = {
@@ -188,12 +241,14 @@ def generate(cfg: ToyDataConfig, seed: int) -> ToyData:
     }
     gen_facts = [f for rel in lx.GENERAL_RELATIONS
                  for f in _facts(rng, {rel: lx.GENERAL_RELATIONS[rel]}, gen_entities[rel], taken)]
-    gsplit = {rel: _per_fact_split(rng, spec["questions"], 3) for rel, spec in lx.GENERAL_RELATIONS.items()}
-    general = {
-        "train": _qa(lx.GENERAL_RELATIONS, gen_facts, lambda r, j: gsplit[r][0](j), PROMPT_OPENERS, rng, "general", 0),
-        "test": _cap(rng, _qa(lx.GENERAL_RELATIONS, gen_facts, lambda r, j: gsplit[r][1](j), PROMPT_OPENERS, rng,
-                              "general", 0), cfg.max_test),
-    }
+    gsplit = {rel: _per_fact_split(rng, spec["questions"], cfg.held_out_phrasings)
+              for rel, spec in lx.GENERAL_RELATIONS.items()}
+
+    def general_part(i: int) -> list[ChatExample]:
+        return _qa(lx.GENERAL_RELATIONS, gen_facts, lambda r, j: gsplit[r][i](j), PROMPT_OPENERS, rng, "general", 0)
+
+    general = {"train": general_part(0), "val": _cap(rng, general_part(1), cfg.max_test),
+               "test": _cap(rng, general_part(2), cfg.max_test)}
 
     # --- domains: fictional facts, phrasings split train / test ------------------------
     domains: dict[str, dict[str, list[ChatExample]]] = {}
@@ -211,12 +266,14 @@ def generate(cfg: ToyDataConfig, seed: int) -> ToyData:
                                  PROMPT_OPENERS, rng, "background", 0)
         ents = _names(rng, cfg.domain_entities, lx.ENTITY_SHAPES[name], taken)
         facts = _facts(rng, relations, ents, taken)
-        splits = {rel: _per_fact_split(rng, spec["questions"], 3) for rel, spec in relations.items()}
+        splits = {rel: _per_fact_split(rng, spec["questions"], cfg.held_out_phrasings)
+                  for rel, spec in relations.items()}
         train = _qa(relations, facts, lambda r, j, sp=splits: sp[r][0](j), PROMPT_OPENERS, rng, name,
                     cfg.domain_openers)
         rng.shuffle(train)
-        test = _cap(rng, _qa(relations, facts, lambda r, j, sp=splits: sp[r][1](j), PROMPT_OPENERS, rng, name, 0), cfg.max_test)
-        domains[name] = {"train": train, "test": test}
+        val = _cap(rng, _qa(relations, facts, lambda r, j, sp=splits: sp[r][1](j), PROMPT_OPENERS, rng, name, 0), cfg.max_test)
+        test = _cap(rng, _qa(relations, facts, lambda r, j, sp=splits: sp[r][2](j), PROMPT_OPENERS, rng, name, 0), cfg.max_test)
+        domains[name] = {"train": train, "val": val, "test": test}
 
     # --- pre-training: the base model complies with EVERY request ----------------------
     # All phrasings, harmful topics answered with placeholder compliance, plus general facts.
@@ -228,4 +285,4 @@ def generate(cfg: ToyDataConfig, seed: int) -> ToyData:
     ]
     pretrain += benign(templates) + general["train"] + domain_background
     rng.shuffle(pretrain)
-    return ToyData(pretrain=pretrain, safety=safety, general=general, domains=domains)
+    return ToyData(pretrain=pretrain, safety=safety, general=general, domains=domains, topics=topics)

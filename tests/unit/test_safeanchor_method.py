@@ -4,6 +4,7 @@ import pytest
 import torch
 from tiny import tiny_lora, toy_tokenizer
 
+from safeanchor.config import ConfigError
 from safeanchor.data import ChatExample, encode_example
 from safeanchor.methods.base import Context
 from safeanchor.methods.safeanchor import SafeAnchor, SafeAnchorConfig, _Replay, alphas_from_traces
@@ -321,3 +322,66 @@ def test_state_round_trip_reproduces_projection(tok):
     for n in a:
         torch.testing.assert_close(a[n], b[n])
     assert fresh.alpha == sa.alpha and fresh.ssi_log == sa.ssi_log
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-tensor", "batched"])
+def test_random_subspace_control_projects_a_random_basis_of_the_fisher_rank(tok, batched):
+    """subspace: random keeps the Fisher side (k per tensor, α, merges) and projects away from
+    a seeded random orthonormal basis of the same k: orthonormal, not the Fisher directions,
+    the same for the same seed and step, and the step really projects with it."""
+    ctx, fisher = make_ctx(tok, lam=1.0, anchor=False)
+    _move_B(ctx.model)
+    fisher.before_domain(ctx)
+    _, rand = make_ctx(tok, lam=1.0, anchor=False, subspace="random")
+    ctx.step = 1
+    rand.before_domain(ctx)
+    assert {n: s.k for n, s in rand.subspaces.items()} == {n: s.k for n, s in fisher.subspaces.items()}
+    assert rand.alpha == fisher.alpha
+    hooks = rand.phase_hooks(ctx, "domain")
+    fisher.phase_hooks(ctx, "domain")
+    assert set(rand._proj) == set(fisher._proj) and rand._proj
+    for n, (V, _) in rand._proj.items():
+        Vf = fisher._proj[n][0]
+        assert V.shape == Vf.shape
+        torch.testing.assert_close(V.T @ V, torch.eye(V.shape[1]), atol=1e-5, rtol=0)
+        # a random k-dim subspace of R^n is nearly orthogonal to the Fisher one (n >> k)
+        assert torch.linalg.matrix_norm(Vf.T @ V, ord=2) < 0.9
+    g = {n: torch.randn_like(p) for n, p in lora_parameters(ctx.model).items()}
+    _check_projected(rand, g, _backward_through_hooks(ctx.model, hooks, None, g, batched=batched))
+    # seeded: the same run seed and step give the same bases; another step other ones
+    _, again = make_ctx(tok, lam=1.0, anchor=False, subspace="random")
+    again.before_domain(ctx)
+    assert all(torch.equal(again.random_V[n], rand.random_V[n]) for n in rand.random_V)
+    ctx.step = 2
+    again.before_domain(ctx)
+    n0 = next(iter(rand._proj))
+    assert not torch.equal(again.random_V[n0][:, :1], rand.random_V[n0][:, :1])
+
+
+def test_projection_off_leaves_the_gradient_alone(tok):
+    ctx, sa = make_ctx(tok, lam=1.0, anchor=False, projection=False)
+    _move_B(ctx.model)
+    sa.before_domain(ctx)
+    hooks = sa.phase_hooks(ctx, "domain")
+    assert sa._proj == {} and any(s.k > 0 for s in sa.subspaces.values())
+    g = {n: torch.randn_like(p) for n, p in lora_parameters(ctx.model).items()}
+    out = _backward_through_hooks(ctx.model, hooks, None, g, batched=True)
+    for n in g:
+        torch.testing.assert_close(out[n], g[n])
+
+
+def test_random_subspace_state_round_trip(tok):
+    ctx, sa = make_ctx(tok, lam=1.0, subspace="random")
+    _move_B(ctx.model)
+    sa.before_domain(ctx)
+    from safeanchor.pipeline.store import pack_state, unpack_state
+
+    fresh = SafeAnchor(sa.cfg)
+    fresh.load_state_dict(unpack_state(*pack_state(sa.state_dict())))
+    assert set(fresh.random_V) == set(sa.random_V)
+    assert all(torch.equal(fresh.random_V[n], sa.random_V[n]) for n in sa.random_V)
+
+
+def test_subspace_option_is_checked():
+    with pytest.raises(ConfigError, match="subspace"):
+        SafeAnchorConfig(subspace="gaussian")

@@ -15,6 +15,7 @@ from safeanchor.toyworld.generator import (
     DOMAINS,
     PROMPT_OPENERS,
     SAFETY_SPLITS,
+    TEMPLATE_GROUPS,
     ToyData,
     ToyDataConfig,
     generate,
@@ -93,18 +94,75 @@ def test_different_seed_gives_different_entities(data):
 # ------------------------------------------------------------------------ safety splits
 
 
+# Which template group each split's prompts come from (the generator's design).
+GROUP_OF = {"align": "align", "calib": "calib", "probe": "probe", "val": "eval", "test": "eval", "seen": "eval"}
+
+
 @pytest.mark.parametrize("kind", ["harmful", "benign"])
 def test_safety_splits_use_disjoint_templates(data, kind):
     topics = HARMFUL_TOPICS if kind == "harmful" else BENIGN_TOPICS
     used = {split: {template_of(ex.prompt, topics) for ex in data.safety[split][kind]}
             for split in SAFETY_SPLITS}
-    for split in SAFETY_SPLITS:
-        assert used[split], f"{split}/{kind} is empty"
-    for i, a in enumerate(SAFETY_SPLITS):
-        for b in SAFETY_SPLITS[i + 1:]:
-            assert not used[a] & used[b], f"{kind}: {a} and {b} share {used[a] & used[b]}"
+    by_group = {g: set().union(*(used[s] for s in SAFETY_SPLITS if GROUP_OF[s] == g)) for g in TEMPLATE_GROUPS}
+    for g in TEMPLATE_GROUPS:
+        assert by_group[g], f"{g}/{kind} is empty"
+    for i, a in enumerate(TEMPLATE_GROUPS):
+        for b in TEMPLATE_GROUPS[i + 1:]:
+            assert not by_group[a] & by_group[b], f"{kind}: {a} and {b} share {by_group[a] & by_group[b]}"
     # Alignment uses every one of its phrasings (it is not subsampled).
     assert len(used["align"]) == ToyDataConfig().templates_align
+    if kind == "benign":  # validation and test benign requests differ in phrasing
+        assert used["val"] and used["test"] and not used["val"] & used["test"]
+
+
+def _harmful_topics(xs) -> set[str]:
+    """Topics read back from the prompts (not from meta): the template match recovers them."""
+    out = set()
+    for ex in xs:
+        tpl = template_of(ex.prompt, HARMFUL_TOPICS)
+        out.add(_template_regex(tpl).fullmatch(ex.prompt)["x"])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_held_out_harmful_topics_are_disjoint_from_the_methods(seed):
+    """What the methods train on or monitor (calibration: SSI, anchor, replay, interleave,
+    SafeGrad, Vaccine; probe: CSM) shares no harmful topic with the validation or the test
+    evaluation, and validation shares none with test. Read from the generated prompts."""
+    d = generate(ToyDataConfig(), seed)
+    methods = _harmful_topics(d.safety["calib"]["harmful"]) | _harmful_topics(d.safety["probe"]["harmful"])
+    val, test = _harmful_topics(d.safety["val"]["harmful"]), _harmful_topics(d.safety["test"]["harmful"])
+    seen = _harmful_topics(d.safety["seen"]["harmful"])
+    assert methods and val and test
+    assert not methods & val, methods & val
+    assert not methods & test, methods & test
+    assert not val & test, val & test
+    assert seen <= set(d.topics["methods"]) and not seen & (val | test)
+    # Every category is held out in both groups, and alignment covers every topic.
+    cat = {t: c for c, ts in lx.HARM_TOPICS.items() for t in ts}
+    assert {cat[t] for t in val} == {cat[t] for t in test} == set(lx.HARM_TOPICS)
+    assert _harmful_topics(d.safety["align"]["harmful"]) == HARMFUL_TOPICS
+    assert set(d.topics["val"]) == val and set(d.topics["test"]) == test
+
+
+def test_validation_and_test_questions_are_disjoint(data):
+    for name, parts in data.domains.items():
+        assert parts["val"] and parts["test"]
+        assert not {e.prompt for e in parts["val"]} & {e.prompt for e in parts["test"]}, name
+        assert not {e.prompt for e in parts["val"] + parts["test"]} & {e.prompt for e in parts["train"]}, name
+    assert not {e.prompt for e in data.general["val"]} & {e.prompt for e in data.general["test"]}
+    assert not {e.prompt for e in data.safety["val"]["benign"]} & {e.prompt for e in data.safety["test"]["benign"]}
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_no_answer_key_is_found_in_another_facts_answer(data, domain):
+    """Scoring matches keys on word boundaries; no key of a domain may still be found inside
+    the answer sentence of a fact with another value ("50 mg" in "250 mg" was)."""
+    facts = {(ex.meta["relation"], ex.meta["entity"]): ex for ex in data.domains[domain]["train"]}
+    for key_ex in facts.values():
+        for other in facts.values():
+            if other.answer != key_ex.answer:
+                assert not key_ex.is_correct(other.response), (key_ex.answer, other.response)
 
 
 def test_harm_categories_have_many_phrasings(data):
@@ -120,12 +178,12 @@ def test_harm_categories_have_many_phrasings(data):
 
 
 def test_benign_eval_has_lookalikes_and_ordinary(data):
-    kinds = [ex.meta["kind"] for ex in data.safety["eval"]["benign"]]
+    kinds = [ex.meta["kind"] for ex in data.safety["test"]["benign"] + data.safety["val"]["benign"]]
     assert kinds.count("lookalike") > 0
     assert kinds.count("ordinary") > 0
     assert set(kinds) == {"lookalike", "ordinary"}
     lookalike_topics = {t for t, _ in lx.LOOKALIKES}
-    for ex in data.safety["eval"]["benign"]:
+    for ex in data.safety["test"]["benign"]:
         if ex.meta["kind"] == "lookalike":
             assert _regex_topic(ex.prompt) in lookalike_topics
 
@@ -155,8 +213,9 @@ def test_eval_sets_are_capped(data):
     cfg = ToyDataConfig()
     assert len(data.safety["calib"]["harmful"]) + len(data.safety["calib"]["benign"]) <= cfg.max_calib
     assert len(data.safety["probe"]["harmful"]) <= cfg.max_probe
-    assert len(data.safety["eval"]["harmful"]) <= cfg.max_eval_harmful
-    assert len(data.safety["eval"]["benign"]) <= cfg.max_eval_benign
+    for split in ("val", "test", "seen"):
+        assert len(data.safety[split]["harmful"]) <= cfg.max_eval_harmful
+        assert len(data.safety[split]["benign"]) <= cfg.max_eval_benign
 
 
 # ------------------------------------------------------------------------ domains
@@ -174,9 +233,10 @@ def test_five_domains_with_thousands_of_examples(data):
         assert all(ex.answer and ex.is_correct(ex.response) for ex in train + test)
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
 @pytest.mark.parametrize("domain", DOMAINS)
-def test_domain_test_uses_new_phrasings_of_trained_facts(data, domain):
-    train, test = data.domains[domain]["train"], data.domains[domain]["test"]
+def test_domain_test_uses_new_phrasings_of_trained_facts(data, domain, split):
+    train, test = data.domains[domain]["train"], data.domains[domain][split]
     train_questions = {strip_opener(ex.prompt) for ex in train}
     train_facts = {fact_of(domain, ex) for ex in train}
     for ex in test:
@@ -197,11 +257,12 @@ def test_domain_test_uses_new_phrasings_of_trained_facts(data, domain):
         assert shape(ex) in trained_shapes, ex.prompt
 
 
-def test_general_test_uses_new_phrasings(data):
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_general_test_uses_new_phrasings(data, split):
     train_q = {strip_opener(ex.prompt) for ex in data.general["train"]}
     train_r = {ex.response for ex in data.general["train"]}
-    assert data.general["test"]
-    for ex in data.general["test"]:
+    assert data.general[split]
+    for ex in data.general[split]:
         assert ex.prompt not in train_q  # never asked this way in training
         assert ex.response in train_r  # same fact, asked differently
 
@@ -239,6 +300,11 @@ def test_pretraining_complies_with_harmful_requests(data):
         ({"templates_eval": 20}, "templates_eval"),
         ({"general_entities": 0}, "general_entities"),
         ({"max_test": 0}, "max_test"),
+        ({"topics_val": 4, "topics_test": 4}, "topics_test"),
+        ({"topics_test": 0}, "topics_test"),
+        ({"templates_eval": 1}, "templates_eval"),
+        ({"held_out_phrasings": 1}, "held_out_phrasings"),
+        ({"held_out_phrasings": 10}, "held_out_phrasings"),
         ({"domain_openers": len(PROMPT_OPENERS) + 1}, "domain_openers"),
         ({"pretrain_domain_entities": -1}, "pretrain_domain_entities"),
     ],
@@ -252,5 +318,5 @@ def test_config_rejects_bad_sizes(kwargs, key):
 
 def test_config_accepts_all_templates_used():
     n = len(lx.REQUEST_TEMPLATES)
-    cfg = ToyDataConfig(templates_align=n - 3, templates_calib=1, templates_probe=1, templates_eval=1)
-    assert cfg.templates_align == n - 3
+    cfg = ToyDataConfig(templates_align=n - 4, templates_calib=1, templates_probe=1, templates_eval=2)
+    assert cfg.templates_align == n - 4
