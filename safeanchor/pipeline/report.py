@@ -24,7 +24,10 @@ COLUMNS = (
 
 
 def _extra_kept(s: dict[str, Any]) -> float:
-    vals = [v[-1] / v[0] for v in s.get("extra_eval", {}).values() if v and v[0]]
+    """Mean over the extra HARMFUL files of final / step-0 refusal."""
+    extra = s.get("extra_eval", {})
+    names = s.get("extra_harmful", list(extra))
+    vals = [extra[k][-1] / extra[k][0] for k in names if k in extra and extra[k] and extra[k][0]]
     return sum(vals) / len(vals) if vals else math.nan
 
 

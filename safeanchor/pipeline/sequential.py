@@ -98,7 +98,9 @@ def summarize(cfg: RunConfig, history: list[dict[str, float]], extras: list[str]
         "domain": domain,
         "domain_plastic": sum(plastic) / len(plastic) if plastic else float("nan"),
         "domain_mean_final": sum(finals) / len(finals),
-        "extra_eval": {k: [h[f"extra/{k}"] for h in history] for k in extras},
+        # every extra metric: harmful files' refusal, benign files' refusal and accuracy
+        "extra_eval": {k[len("extra/"):]: [h[k] for h in history] for k in history[0] if k.startswith("extra/")},
+        "extra_harmful": list(extras),
     }
     if all("safety_seen_topics" in h for h in history):
         s["safety_seen_topics"] = [h["safety_seen_topics"] for h in history]
@@ -142,7 +144,7 @@ class PreparedRun:
     method: Any
     ctx: Context
     domain_train: dict[str, list[ChatExample]]
-    extras: list[str]
+    extras: list[str]  # stems of the extra harmful files
 
 
 def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = False) -> PreparedRun:
@@ -216,8 +218,7 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
         base_model_ref=base_ref, log=log, run_dir=str(run_dir),
     )
     ctx.probe_safety = lambda: probe_safety(model, tokenizer, probe, judge, cfg.eval)
-    return PreparedRun(cfg, run_dir, tokenizer, suite, judge, method, ctx, domain_train,
-                       list(extra_h) + list(extra_b))
+    return PreparedRun(cfg, run_dir, tokenizer, suite, judge, method, ctx, domain_train, list(extra_h))
 
 
 def run_pipeline(cfg: RunConfig, log=print, resume: bool = False) -> dict[str, Any]:
