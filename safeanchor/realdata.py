@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safeanchor.data import ChatExample
+from safeanchor.data import ChatExample, contains_phrase
 
 # --------------------------------------------------------------------------- AdvBench
 
@@ -344,8 +344,10 @@ def qa_domain(facts: Sequence[dict[str, Any]], domain: str, key_within: int = 80
     Every fact is trained in each QA_TRAIN_TEMPLATES phrasing and tested in the held-out one
     (answer key = `answer`, scored by substring match as every domain is). Checked here so a
     bad fact fails loudly: the key appears in the response within its first `key_within`
-    characters (generations are short), never in the question (a copied question would score),
-    and no key contains another (one answer would score for two facts).
+    characters as a whole word or phrase (generations are short; `ChatExample.is_correct`
+    matches on word boundaries), never in the question (a copied question would score), no key
+    contains another, and no key occurs in another fact's response (that answer would score for
+    two facts).
     """
     keys: list[str] = []
     for i, f in enumerate(facts):
@@ -353,14 +355,19 @@ def qa_domain(facts: Sequence[dict[str, Any]], domain: str, key_within: int = 80
         if missing:
             raise ValueError(f"{domain} fact {i}: missing {', '.join(missing)}")
         q, a, r = f["question"].strip(), f["answer"].strip().casefold(), f["response"].strip()
-        if a not in r.casefold()[:key_within]:
-            raise ValueError(f"{domain} fact {i}: answer {f['answer']!r} not in the first {key_within} characters of the response")
+        if not contains_phrase(r[:key_within], a):
+            raise ValueError(f"{domain} fact {i}: answer {f['answer']!r} not in the first {key_within} characters of the response"
+                             " as a whole word or phrase (how ChatExample.is_correct scores)")
         if a in q.casefold():
             raise ValueError(f"{domain} fact {i}: answer {f['answer']!r} appears in the question")
         clash = [k for k in keys if k in a or a in k]
         if clash:
             raise ValueError(f"{domain} fact {i}: answer {f['answer']!r} overlaps the answer {clash[0]!r} of another fact")
         keys.append(a)
+    for i, f in enumerate(facts):  # an answer to one fact must not score for another
+        other = next((j for j, g in enumerate(facts) if j != i and contains_phrase(g["response"], f["answer"])), None)
+        if other is not None:
+            raise ValueError(f"{domain} fact {i}: answer {f['answer']!r} appears in the response of fact {other}")
     train, test = [], []
     for i, f in enumerate(facts):
         q, a, r = f["question"].strip(), f["answer"].strip(), f["response"].strip()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from safeanchor.data import load_examples
+from safeanchor.data import contains_phrase, load_examples
 from safeanchor.realdata import (
     ADVBENCH_MAX_GROUP,
     ADVBENCH_SIZES,
@@ -119,13 +119,16 @@ def test_benign_parts_are_disjoint_with_scorable_val_test_and_lookalikes():
     parts = {n: load_examples(DATA / "benign" / f"{n}.jsonl", require_response=False) for n in ("align", "calib", "val", "test")}
     prompts = [x.prompt for v in parts.values() for x in v]
     assert len(prompts) == len(set(prompts)) == 118 + 60
-    verified = {r["prompt"] for r in _rows(DATA / "benign" / "base_answers.jsonl") if r["correct"]}
+    base = {r["prompt"]: r for r in _rows(DATA / "benign" / "base_answers.jsonl")}
     for name in ("val", "test"):  # look-alike rows (over_refusal) in both halves
         look = [x for x in parts[name] if x.meta["kind"] == "lookalike"]
         ordinary = [x for x in parts[name] if x.meta["kind"] == "ordinary"]
         assert len(look) == 15 and len(ordinary) == 18, name
-        # Every scored request is one whose key the base model's recorded answer contains.
-        assert all(x.answer and x.prompt in verified for x in ordinary), name
+        # Every scored request is one whose key the base model's recorded answer contains, as
+        # the evaluation scores it (whole word or phrase).
+        for x in ordinary:
+            rec = base[x.prompt]
+            assert rec["correct"] and rec["answer"] == x.answer and x.is_correct(rec["response"]), x.prompt
     assert {x.meta["kind"] for x in parts["align"]} == {"ordinary", "lookalike"}
 
 
@@ -135,7 +138,7 @@ def test_general_facts_are_the_verified_candidates_split_in_val_and_test():
     assert len(facts) == 40
     for x in facts:
         rec = answers[x.prompt]
-        assert rec["correct"] and x.answer.casefold() in rec["response"].casefold()
+        assert rec["correct"] and x.is_correct(rec["response"])
     val = load_examples(DATA / "general" / "val.jsonl", require_response=False)
     test = load_examples(DATA / "general" / "test.jsonl", require_response=False)
     assert len(val) == len(test) == 20
@@ -267,6 +270,19 @@ def test_qa_domain_trains_every_phrasing_and_tests_a_held_out_one():
 def test_qa_domain_rejects_a_fact_that_cannot_be_scored(bad, match):
     with pytest.raises(ValueError, match=f"legal fact 0: .*{match}"):
         qa_domain([bad], "legal")
+
+
+def test_qa_domain_scores_keys_as_whole_words_and_one_fact_at_a_time():
+    # A stem ("hypoglyc" for hypoglycaemia / hypoglycemia) never matches on word boundaries.
+    with pytest.raises(ValueError, match="medical fact 0: .*as a whole word"):
+        qa_domain([_fact("What is low blood sugar called?", "hypoglyc", "It is called hypoglycaemia.")], "medical")
+    # A key found in another fact's answer: that answer would score for both facts.
+    facts = [_fact("Which organ is inflamed in hepatitis?", "liver", "Hepatitis is inflammation of the liver."),
+             _fact("Which hormone raises blood sugar?", "glucagon", "Glucagon makes the liver release glucose.")]
+    with pytest.raises(ValueError, match="medical fact 0: answer 'liver' appears in the response of fact 1"):
+        qa_domain(facts, "medical")
+    for f in [*_rows(DATA / "qa" / "medical.jsonl"), *_rows(DATA / "qa" / "legal.jsonl")]:
+        assert contains_phrase(f["response"], f["answer"])
 
 
 def test_qa_domain_rejects_overlapping_answer_keys():

@@ -91,7 +91,7 @@ def make_advbench(yaml_path: str | None) -> None:
 
 
 def verified(answers_file: Path) -> set[str]:
-    """Prompts whose recorded greedy answer contains their answer key."""
+    """Prompts whose recorded greedy answer contains their answer key (as a whole word or phrase)."""
     if not answers_file.exists():
         return set()
     return {r["prompt"] for r in read_jsonl(answers_file) if r["correct"]}
@@ -170,6 +170,7 @@ def _rows(xs) -> list[dict]:
 
 def verify(model_ref: str) -> None:
     """Record a model's greedy answers to the keyed general / benign candidates."""
+    from safeanchor.data import contains_phrase
     from safeanchor.evaluation import generate
 
     tok, model = _load(model_ref)
@@ -179,7 +180,7 @@ def verify(model_ref: str) -> None:
         outs = generate(model, tok, [r["prompt"] for r in rows], VERIFY_TOKENS, 40)
         write_jsonl(answers_file, [
             {"prompt": r["prompt"], "answer": r["answer"], "response": o,
-             "correct": r["answer"].casefold() in o.casefold(), "model": model_ref}
+             "correct": contains_phrase(o, r["answer"]), "model": model_ref}
             for r, o in zip(rows, outs, strict=True)])
 
 
