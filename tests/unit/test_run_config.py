@@ -37,17 +37,33 @@ def test_every_local_data_file_a_preset_names_exists_and_loads(path):
 
     cfg = load_run_config(path)
     d = cfg.data
-    refs = [r for src in d.domains.values() for r in (src.train, src.test)]
+    refs = [r for src in d.domains.values() for r in (src.train, src.test, src.val) if r is not None]
     refs += [d.safety_calib, d.safety_probe, d.eval_harmful, d.eval_benign, d.general]
+    refs += [r for r in (d.eval_harmful_seen, d.val.eval_harmful, d.val.eval_benign, d.val.general) if r is not None]
     refs += list(cfg.eval.harmful_files) + list(cfg.eval.benign_files)
     local = [r for r in refs if ":" not in r]  # toyworld:, align:, hf: are resolved at run time
     for ref in local:
         examples = load_examples(ROOT / ref, require_response=False)
         assert examples, f"{path.name}: {ref} is empty"
     for name in cfg.data.order:
-        test = cfg.data.domains[name].test
-        if ":" not in test:  # a domain's test set is scored by answer key
-            assert all(x.answer for x in load_examples(ROOT / test, require_response=False)), f"{path.name}: {test}"
+        for held_out in (cfg.data.domains[name].test, cfg.data.domains[name].val):
+            if held_out is not None and ":" not in held_out:  # a domain's test / val set is scored by answer key
+                assert all(x.answer for x in load_examples(ROOT / held_out, require_response=False)), f"{path.name}: {held_out}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_preset_loads_for_each_evaluation_split_that_it_configures(path):
+    """eval.split=val is refused when a validation set is null; a preset that wires its
+    validation split must load with it, and name a set per role in both splits."""
+    base = load_run_config(path)
+    val_refs = [base.data.val.eval_harmful, base.data.val.eval_benign, base.data.val.general]
+    val_refs += [base.data.domains[d].val for d in base.data.order]
+    splits = ["test"] + (["val"] if all(r is not None for r in val_refs) else [])
+    for split in splits:
+        cfg = load_run_config(path, [f"eval.split={split}"])
+        assert cfg.eval.split == split
+        roles = cfg.data.eval_sources(split)
+        assert {"harmful", "benign", "general", *(f"domain/{d}" for d in cfg.data.order)} <= set(roles)
 
 
 def test_tiny_inherits_from_toy_and_overrides():
