@@ -6,8 +6,12 @@ nothing (it does not even import mlflow), so the pipeline never branches on it.
 
 Where things go by default: the tracking store is ``sqlite:///<abs storage>/mlflow.db`` (unless
 ``tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI`` says otherwise) and the experiment is
-created with ``artifact_location = <abs storage>/mlartifacts/<experiment>``, so nothing is
-written to ``./mlruns`` in the current directory.
+created with ``artifact_location = <storage>/mlartifacts/<experiment>``, so nothing is
+written to ``./mlruns`` in the current directory. Storage on an object store (``s3://``,
+``gs://``, ``hdfs://``): MLflow writes the artifacts there itself (its own S3 / GCS / HDFS
+clients), but SQLite needs a local disk, so ``tracking.tracking_uri`` (an MLflow server) is
+required. Files MLflow only takes from a local disk (peft adapters, the plot) are staged in a
+temporary directory; the run's copies go through `safeanchor.storage.RunDir`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from safeanchor.config import ConfigError, check
+from safeanchor.storage import RunDir
 
 __all__ = [
     "NullTracker",
@@ -39,6 +45,7 @@ PARAMS_PER_BATCH = 100  # MLflow's limit on params per log_batch call
 METRICS_PER_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # what MLflow rejects in param / metric names
 _LOCAL_SCHEMES = ("sqlite", "file", "")  # stores whose artifacts we place under storage/
+_ARTIFACT_SCHEMES = ("s3://", "gs://", "hdfs://")  # storage URIs MLflow writes artifacts to itself
 
 
 @dataclass
@@ -139,13 +146,22 @@ def plot_trajectory(summary: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def default_tracking_uri(cfg: TrackingConfig, storage: Path) -> str:
+def _storage_dir(storage: RunDir | str | Path) -> RunDir:
+    return storage if isinstance(storage, RunDir) else RunDir.open(str(storage))
+
+
+def default_tracking_uri(cfg: TrackingConfig, storage: RunDir | str | Path) -> str:
     if cfg.tracking_uri:
         return cfg.tracking_uri
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         return env
-    return f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"
+    local = _storage_dir(storage).local_path()
+    if local is None:
+        raise ConfigError("tracking.tracking_uri", f"storage {_storage_dir(storage).uri()} is not on a local "
+                          "disk, where the default MLflow store (SQLite) must live: set tracking.tracking_uri "
+                          "(or MLFLOW_TRACKING_URI) to an MLflow server, or tracking.enabled=false")
+    return f"sqlite:///{local.resolve() / 'mlflow.db'}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +191,7 @@ class NullTracker:
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str, child: bool = False) -> None:
         pass
 
-    def finish(self, summary: Mapping[str, Any], run_dir: Path) -> None:
+    def finish(self, summary: Mapping[str, Any], run_dir: RunDir | Path) -> None:
         pass
 
     def fail(self, status: str = "FAILED") -> None:
@@ -202,18 +218,18 @@ def _store_lock(uri: str) -> Iterator[None]:
 class Tracker:
     """Logs one pipeline run to MLflow through an explicit client (no global fluent-API state)."""
 
-    def __init__(self, cfg: TrackingConfig, storage: Path) -> None:
+    def __init__(self, cfg: TrackingConfig, storage: RunDir | str | Path) -> None:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.cfg = cfg
-        self.storage = Path(storage).resolve()
+        self.storage = _storage_dir(storage)
         self.tracking_uri = default_tracking_uri(cfg, self.storage)
         self.run_id: str | None = None
         self.child_id: str | None = None
         self._ended = False
         if self.tracking_uri.startswith("sqlite:///"):
-            self.storage.mkdir(parents=True, exist_ok=True)
+            Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         try:
             # Several runs sharing one SQLite store (workflows/compare.py --parallel) would race
             # on MLflow's schema creation/migration: the first use of the store is serialised.
@@ -232,7 +248,11 @@ class Tracker:
             scheme = self.tracking_uri.split(":", 1)[0] if ":" in self.tracking_uri else ""
             location = None
             if scheme in _LOCAL_SCHEMES:  # a remote server keeps its own artifact root
-                location = (self.storage / "mlartifacts" / name.replace("/", "_")).as_uri()
+                local = self.storage.local_path("mlartifacts", name.replace("/", "_"))
+                if local is not None:
+                    location = local.resolve().as_uri()
+                elif self.storage.scheme in _ARTIFACT_SCHEMES:  # MLflow's own S3 / GCS / HDFS stores
+                    location = self.storage.uri("mlartifacts", name.replace("/", "_"))
             try:
                 return self.client.create_experiment(name, artifact_location=location)
             except MlflowException:  # created concurrently by another run: use that one
@@ -310,14 +330,17 @@ class Tracker:
             cols += [k for k in r if k not in cols]
         self.client.log_table(self._target(child), {c: [r.get(c) for r in rows] for c in cols}, artifact_file)
 
-    def finish(self, summary: Mapping[str, Any], run_dir: Path) -> None:
-        """Log summary.json and trajectory.png (written to run_dir), end the parent run."""
-        run_dir = Path(run_dir)
-        path = run_dir / "summary.json"
-        if not path.exists():
-            path.write_text(json.dumps(summary, indent=2, default=float))
-        self.log_artifact(path)
-        self.log_artifact(plot_trajectory(summary, run_dir / "trajectory.png"))
+    def finish(self, summary: Mapping[str, Any], run_dir: RunDir | Path) -> None:
+        """Log summary.json and trajectory.png (both also written to run_dir), end the parent run."""
+        run_dir = _storage_dir(run_dir)
+        if not run_dir.is_file("summary.json"):
+            run_dir.write_text("summary.json", json.dumps(summary, indent=2, default=float))
+        with run_dir.local_copy("summary.json") as path:
+            self.log_artifact(path)
+        with tempfile.TemporaryDirectory(prefix="safeanchor-plot-") as tmp:
+            png = plot_trajectory(summary, Path(tmp) / "trajectory.png")
+            run_dir.write_bytes("trajectory.png", png.read_bytes())
+            self.log_artifact(png)
         self.client.set_terminated(self._target(False), "FINISHED")
         self._ended = True  # run_id stays readable after the run ended
 
@@ -331,6 +354,6 @@ class Tracker:
             self._ended = True
 
 
-def make_tracker(cfg: TrackingConfig, storage: Path) -> Tracker | NullTracker:
+def make_tracker(cfg: TrackingConfig, storage: RunDir | str | Path) -> Tracker | NullTracker:
     """A real MLflow tracker, or a no-op one when tracking is disabled."""
     return Tracker(cfg, storage) if cfg.enabled else NullTracker()

@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--order", help="comma-separated domain order, e.g. medical,legal,code")
     p.add_argument("--run-id", help="run directory name under --storage")
-    p.add_argument("--storage", help="directory for runs (default: runs/)")
+    p.add_argument("--storage", help="where run directories go: a local path (default: runs/) or a pyarrow.fs URI "
+                   "(file:///abs/dir, s3://bucket/prefix, gs://bucket/prefix, hdfs://host/path)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override parsed as YAML, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--resume", metavar="RUN_ID",
@@ -47,10 +48,17 @@ def main(argv: list[str] | None = None) -> int:
                                     ("--run-id", args.run_id), ("--set", args.overrides)) if v]
             if given:
                 raise ConfigError("resume", f"--resume uses the run's saved config; drop {', '.join(given)}")
+            import yaml
+
+            from safeanchor.storage import RunDir
+
             storage = args.storage or "runs"
-            saved = Path(storage) / args.resume / "config.yaml"
-            if not saved.is_file():
-                raise ConfigError("resume", f"nothing to resume: {saved} does not exist")
+            run_dir = RunDir.open(storage, args.resume)
+            if not run_dir.is_file("config.yaml"):
+                raise ConfigError("resume", f"nothing to resume: {run_dir.uri('config.yaml')} does not exist")
+            saved = yaml.safe_load(run_dir.read_text("config.yaml"))
+            if not isinstance(saved, dict):
+                raise ConfigError("resume", f"{run_dir.uri('config.yaml')} does not hold a config mapping")
             cfg = load_run_config(saved, [], storage=storage)
         else:
             cfg = load_run_config(args.config, args.overrides, method=args.method, seed=args.seed,

@@ -155,6 +155,7 @@ def fit_phase(
     storage_path: str,
     name: str | None = None,
     log: Callable[[str], None] | None = print,
+    storage_filesystem: Any = None,
 ) -> dict[str, Any]:
     """Train one phase; returns setup.save(...)'s dict plus "stats" (run_steps' stats + world_size,
     resumed_from_step, zero_stage, timing).
@@ -164,6 +165,8 @@ def fit_phase(
     suffix); calling fit_phase again with the name of a run that failed resumes it from its last
     checkpoint (measured), which lets a restarted driver continue an interrupted phase.
     log: progress lines of the in-process path (on Ray, rank 0 logs through Ray Train's logger).
+    storage_filesystem: a pyarrow.fs.FileSystem that storage_path is a path in (Ray Train's
+    RunConfig(storage_filesystem=...)); None for local paths and URIs.
     """
     load_builder(job.builder)  # a typo fails here, not in every worker
     if cluster.executor == "local":
@@ -188,7 +191,9 @@ def fit_phase(
                                      resources_per_worker=resources,
                                      placement_strategy=cluster.placement_strategy),
         run_config=RunConfig(
-            name=run_name, storage_path=storage_path if "://" in str(storage_path) else os.path.abspath(storage_path),
+            name=run_name, storage_filesystem=storage_filesystem,
+            storage_path=storage_path if "://" in str(storage_path) or storage_filesystem is not None
+            else os.path.abspath(storage_path),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cluster.checkpoints_to_keep),
         ),

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from safeanchor.data import ChatExample
+from safeanchor.storage import RunDir
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Context:
     domain_train: list[ChatExample] = field(default_factory=list)
     previous_domain_train: list[ChatExample] = field(default_factory=list)  # d_{t-1}'s data (EWC)
     base_model_ref: str | None = None  # unaligned base (Safe LoRA)
-    run_dir: str | None = None  # where a method may persist artefacts (subspaces, ...)
+    run_dir: RunDir | None = None  # where a method may persist artefacts (subspaces, ...), any pyarrow.fs storage
     # services the pipeline provides
     train: Callable[[TrainPhase], dict] | None = None  # train(phase) -> stats (runs phase_hooks)
     probe_safety: Callable[[], float] | None = None  # refusal rate on the probe set, now

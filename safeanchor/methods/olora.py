@@ -25,7 +25,6 @@ Vaccine freezes its re-alignment adapter with the same ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -108,10 +107,11 @@ class OLora(Method):
             orth = orthogonality_loss(ctx.model, list(self.frozen))
         info: dict[str, Any] = {"frozen_adapters": len(self.frozen),
                                 "orth_loss": float(orth) if orth is not None else 0.0}
-        if self.cfg.save_adapters and ctx.run_dir:
-            out = Path(ctx.run_dir) / "olora" / f"step{ctx.step}-{ctx.domain}"
-            ctx.model.save_pretrained(str(out), selected_adapters=[TRAINABLE, *self.frozen])
-            info["dir"] = str(out)
+        if self.cfg.save_adapters and ctx.run_dir is not None:
+            out = f"olora/step{ctx.step}-{ctx.domain}"
+            with ctx.run_dir.staged(out) as tmp:  # peft writes to local disks only
+                ctx.model.save_pretrained(str(tmp), selected_adapters=[TRAINABLE, *self.frozen])
+            info["dir"] = ctx.run_dir.uri(out)
         return {"olora": info}
 
     def state_dict(self) -> dict[str, Any]:

@@ -251,8 +251,8 @@ class SafeAnchor(Method):
         ctx.log(f"  [ssi] {ssi_s:.1f}s: k mean {rec['k_mean']:.1f} max {rec['k_max']}, "
                 f"{len(empty)} tensors with k=0 (zero gradient, e.g. lora_A at B=0); "
                 f"α min {rec['alpha_min']:.3f} mean {rec['alpha_mean']:.3f}")
-        if ctx.run_dir:
-            self.save_subspaces(Path(ctx.run_dir) / "subspaces" / f"step{ctx.step}-{ctx.domain}.safetensors")
+        if ctx.run_dir is not None:
+            ctx.run_dir.write_bytes(f"subspaces/step{ctx.step}-{ctx.domain}.safetensors", self.subspace_bytes())
 
     def phase_hooks(self, ctx: Context, phase: str) -> Any:
         """Per-process caches: projection (V, α) per tensor; anchor reference of θ_{t−1}
@@ -314,13 +314,11 @@ class SafeAnchor(Method):
         return info
 
     # ---- persistence ----------------------------------------------------------------
-    def save_subspaces(self, path: Path) -> None:
-        from safetensors.torch import save_file
+    def subspace_bytes(self) -> bytes:
+        """The current subspaces as safetensors bytes (`load_subspaces` reads such a file)."""
+        from safetensors.torch import save
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(subspace_tensors(self.subspaces), str(tmp))
-        tmp.replace(path)
+        return save(subspace_tensors(self.subspaces))
 
     @staticmethod
     def load_subspaces(path: Path) -> dict[str, Subspace]:

@@ -112,7 +112,7 @@ class RunConfig:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"doc": "per-method options: methods.<name>.<option>"})
     seed: int = field(default=0, metadata={"doc": "seed of LoRA init and data order (the toy world has its own: toyworld.seed)"})
     run_id: str | None = field(default=None, metadata={"doc": "run directory name (default: <method>-seed<seed>-<order>)"})
-    storage: str = field(default="runs", metadata={"doc": "directory that holds run directories"})
+    storage: str = field(default="runs", metadata={"doc": "where run directories go: a local path or a pyarrow.fs URI (file:///abs, s3://bucket/prefix, gs://..., hdfs://...)"})
     threads: int | None = field(default=None, metadata={"doc": "torch CPU threads (default: torch's choice)"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "model to adapt"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"doc": "the persistent LoRA adapter"})
@@ -145,9 +145,13 @@ class RunConfig:
         return any(r.startswith("toyworld:") for r in refs)
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = (), **top: Any) -> RunConfig:
-    """Preset YAML (or defaults) + `--set` overrides + explicit top-level values -> RunConfig."""
-    data = load_yaml(path) if path else {}
+def load_run_config(path: str | Path | dict | None, overrides: list[str] = (), **top: Any) -> RunConfig:
+    """Preset YAML (or defaults; or an already-parsed dict such as a run's saved config.yaml)
+    + `--set` overrides + explicit top-level values -> RunConfig."""
+    if isinstance(path, dict):
+        data = dict(path)
+    else:
+        data = load_yaml(path) if path else {}
     data.pop("base", None)
     data = apply_overrides(data, list(overrides))
     for k, v in top.items():

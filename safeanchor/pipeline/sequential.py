@@ -2,25 +2,24 @@
 adapter with the method's hooks, evaluate everything, save the adapter.
 
 Outputs under `<storage>/<run_id>/`: config.yaml (resolved), adapters/step<t>-<domain>/,
-metrics.jsonl (one line per step) and summary.json (ALGORITHMS.md §5 names). All files are
-written atomically.
+metrics.jsonl (one line per step) and summary.json (ALGORITHMS.md §5 names). Every file goes
+through one `safeanchor.storage.RunDir` (a local path or any pyarrow.fs URI), written atomically.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 import uuid
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from safeanchor.config import ConfigError, from_dict, save_config, to_dict
+from safeanchor.config import ConfigError, from_dict, to_dict
 from safeanchor.data import ChatExample, load_examples
 from safeanchor.evaluation import EvalSuite, evaluate, load_extra_files, probe_safety
 from safeanchor.judges import build_judge
@@ -35,6 +34,7 @@ from safeanchor.pipeline.store import (
     pack_state,
     unpack_state,
 )
+from safeanchor.storage import RunDir
 from safeanchor.tracking import make_tracker, numeric_scalars
 from safeanchor.train.loop import TrainConfig, train_examples
 
@@ -70,17 +70,6 @@ class Sources:
         if part not in table:
             raise ConfigError(key, f"unknown toy-world data {ref!r} (known: {', '.join('toyworld:' + k for k in table)})")
         return list(table[part]())
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomic: a reader sees the old file or the whole new one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 def summarize(cfg: RunConfig, history: list[dict[str, float]], extras: list[str]) -> dict[str, Any]:
@@ -137,7 +126,7 @@ class PreparedRun:
     """Everything a run needs, loaded and validated; the run directory exists."""
 
     cfg: RunConfig
-    run_dir: Path
+    run_dir: RunDir
     tokenizer: Any
     suite: EvalSuite
     judge: Any
@@ -147,22 +136,32 @@ class PreparedRun:
     extras: list[str]  # stems of the extra harmful files
 
 
-def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = False) -> PreparedRun:
+def open_storage(cfg: RunConfig, storage: RunDir | None = None) -> RunDir:
+    """The storage root: `storage` if given (e.g. a RunDir on a pyarrow SubTreeFileSystem), else
+    cfg.storage (a local path or a pyarrow.fs URI; a bad one is a ConfigError naming `storage`)."""
+    return storage if storage is not None else RunDir.open(cfg.storage)
+
+
+def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = False,
+                storage: RunDir | None = None) -> PreparedRun:
     """Validate inputs, build/load the toy world if referenced, load data, model and adapter.
 
+    storage: the storage root (default: cfg.storage through pyarrow.fs).
     worker=True: in a training worker (safeanchor.pipeline.remote): the same loading, but the
     run directory is neither checked nor written."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Cheap validation first: bad files or options fail before anything is built or written.
-    run_dir = Path(cfg.storage) / cfg.resolved_run_id()
+    run_dir = open_storage(cfg, storage).sub(cfg.resolved_run_id())
     if worker:
         pass
-    elif resume and not (run_dir / "config.yaml").is_file():
-        raise ConfigError("run_id", f"nothing to resume: {run_dir / 'config.yaml'} does not exist")
-    elif not resume and (run_dir / "steps").exists():
-        raise ConfigError("run_id", f"{run_dir} already holds a run: continue it with --resume "
+    elif resume and not run_dir.is_file("config.yaml"):
+        raise ConfigError("run_id", f"nothing to resume: {run_dir.uri('config.yaml')} does not exist")
+    elif not resume and run_dir.exists("steps"):
+        raise ConfigError("run_id", f"{run_dir.uri()} already holds a run: continue it with --resume "
                           f"{cfg.resolved_run_id()}, or choose another --run-id / --storage")
+    if not worker:
+        run_dir.check_writable()  # e.g. --storage /proc/nope: one line now, not a traceback later
     extra_h, extra_b = load_extra_files(cfg.eval)
     judge = build_judge(cfg.eval.judge)
     method = build_method(cfg.method, cfg.methods.get(cfg.method))
@@ -208,24 +207,26 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
     base_ref = resolve(cfg.model.base, toy_paths, "model.base") if cfg.model.base else None
 
     if not worker:
-        run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
-            save_config(cfg, run_dir / "config.yaml")
-        log(f"[run] {cfg.resolved_run_id()} -> {run_dir}")
+            run_dir.write_text("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        log(f"[run] {cfg.resolved_run_id()} -> {run_dir.uri()}")
 
     ctx = Context(
         model=model, tokenizer=tokenizer, run_cfg=cfg, safety_calib=calib, safety_probe=probe,
-        base_model_ref=base_ref, log=log, run_dir=str(run_dir),
+        base_model_ref=base_ref, log=log, run_dir=run_dir,
     )
     ctx.probe_safety = lambda: probe_safety(model, tokenizer, probe, judge, cfg.eval)
     return PreparedRun(cfg, run_dir, tokenizer, suite, judge, method, ctx, domain_train, list(extra_h))
 
 
-def run_pipeline(cfg: RunConfig, log=print, resume: bool = False) -> dict[str, Any]:
-    """Run (or, with resume, continue) the pipeline; finished steps under run_dir/steps are skipped."""
+def run_pipeline(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir | None = None) -> dict[str, Any]:
+    """Run (or, with resume, continue) the pipeline; finished steps under run_dir/steps are skipped.
+
+    storage: the storage root as a RunDir (default: cfg.storage, a local path or pyarrow.fs URI)."""
     t_start = time.perf_counter()
-    run = prepare_run(cfg, log, resume=resume)
-    tracker = make_tracker(cfg.tracking, Path(cfg.storage))
+    storage = open_storage(cfg, storage)
+    run = prepare_run(cfg, log, resume=resume, storage=storage)
+    tracker = make_tracker(cfg.tracking, storage)
     status = "FAILED"  # what the MLflow run ends with unless tracker.finish() ran
     try:
         tracker.start(cfg.resolved_run_id(), to_dict(cfg),
@@ -237,7 +238,7 @@ def run_pipeline(cfg: RunConfig, log=print, resume: bool = False) -> dict[str, A
         summary["wall_s"] = time.perf_counter() - t_start
         summary["mlflow_tracking_uri"] = tracker.tracking_uri
         summary["mlflow_run_id"] = tracker.run_id
-        write_json(run.run_dir / "summary.json", summary)
+        run.run_dir.write_json("summary.json", summary)
         tracker.finish(summary, run.run_dir)
     except KeyboardInterrupt:
         status = "KILLED"
@@ -245,7 +246,7 @@ def run_pipeline(cfg: RunConfig, log=print, resume: bool = False) -> dict[str, A
     finally:
         tracker.fail(status)  # no-op after finish(); else ends the child / parent run
     log(format_table(summary))
-    log(f"[run] summary: {run.run_dir / 'summary.json'}")
+    log(f"[run] summary: {run.run_dir.uri('summary.json')}")
     return summary
 
 
@@ -270,7 +271,7 @@ class Runner:
     def __init__(self, cfg: RunConfig, run: PreparedRun, tracker, log) -> None:
         self.cfg, self.run_, self.tracker, self.log = cfg, run, tracker, log
         self.model, self.tok, self.method, self.ctx = run.ctx.model, run.tokenizer, run.method, run.ctx
-        self.store = StepStore(str(run.run_dir / "steps"))
+        self.store = StepStore(run.run_dir.sub("steps"))
         self.pending: str | None = None  # last finished checkpoint not yet loaded
         self.ctx.train = self.train_phase
         self.ctx.fisher_subspaces = self.fisher_subspaces
@@ -325,8 +326,8 @@ class Runner:
                 self.log(f"[ray] method {self.cfg.method} transforms the full gradient: DeepSpeed ZeRO stage 0")
         job = PhaseJob("safeanchor.pipeline.remote:build_phase", phase_job_args(self.cfg, self.model, self.method, phase))
         name = f"{self.cfg.resolved_run_id()}-{self.ctx.step:02d}-{phase.hooks}-{self.phases}-{uuid.uuid4().hex[:6]}"
-        out = fit_phase(job, cluster, storage_path=str((self.run_.run_dir / "ray").resolve()), name=name,
-                        log=self.log)
+        out = fit_phase(job, cluster, storage_path=self.run_.run_dir.uri("ray"), name=name, log=self.log,
+                        storage_filesystem=self.run_.run_dir.ray_filesystem())
         load_adapter_bytes(self.model, out["adapter"])
         self.method.load_state_dict(unpack_state(*out["state"]))
         self.method.attach(self.ctx)
@@ -351,9 +352,8 @@ class Runner:
         t0 = time.perf_counter()
         records: list[dict] = []
         m = evaluate(self.model, self.tok, self.run_.suite, self.run_.judge, self.cfg.eval, records)
-        gen_dir = self.run_.run_dir / "generations"
-        gen_dir.mkdir(exist_ok=True)
-        write_text(gen_dir / f"step{t}.jsonl", "".join(json.dumps({"step": t, **r}) + "\n" for r in records))
+        self.run_.run_dir.write_text(f"generations/step{t}.jsonl",
+                                     "".join(json.dumps({"step": t, **r}) + "\n" for r in records))
         self.log(f"[eval] step {t} ({label}): " + " ".join(f"{k}={v:.3f}" for k, v in m.items()) +
                  f" ({time.perf_counter() - t0:.0f}s)")
         return m
@@ -394,12 +394,15 @@ class Runner:
                 info = self.step(f"{prefix}/90-after", lambda: method.after_domain(ctx) or {}, checkpoint=True)
                 history.append(self.step(f"{prefix}/91-eval", lambda t=t, d=d: self.eval_step(t, d), checkpoint=False))
                 self.restore()  # the live model must be this step's for the adapter copy below
-                adapter_dir = run.run_dir / "adapters" / f"step{t}-{d}"
-                self.model.save_pretrained(adapter_dir, selected_adapters=["default"])
+                adapter = f"adapters/step{t}-{d}"
+                with run.run_dir.staged(adapter) as tmp:  # peft writes to local disks only
+                    self.model.save_pretrained(tmp, selected_adapters=["default"])
                 steps_info.append({"domain": d, "train": stats, "gates": gates, "method": info})
                 lines.append(json.dumps({"step": t, "domain": d, **history[-1]}))
-                _track_step(self.tracker, run.run_dir, t, d, history[-1], stats, info, adapter_dir)
-        write_text(run.run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
+                # the whole file, atomically, after each domain (a resume rebuilds it from the steps)
+                run.run_dir.write_text("metrics.jsonl", "\n".join(lines) + "\n")
+                _track_step(self.tracker, run.run_dir, t, d, history[-1], stats, info, adapter)
+        run.run_dir.write_text("metrics.jsonl", "\n".join(lines) + "\n")
         summary = summarize(cfg, history, run.extras)
         summary["steps"] = steps_info
         summary["method_state"] = method.summary()
@@ -411,27 +414,29 @@ class Runner:
         return {"record": g.record, "phase": phase_to_json(g.phase) if g.phase is not None else None}
 
 
-def _track_step(tracker, run_dir: Path, t: int, d: str, evals: dict[str, float], stats: dict,
-                info: dict, adapter_dir: Path) -> None:
+def _track_step(tracker, run_dir: RunDir, t: int, d: str, evals: dict[str, float], stats: dict,
+                info: dict, adapter: str) -> None:
     """One domain's metrics on the child run and the parent (step t), its adapter and subspaces."""
     metrics = dict(evals)
     metrics.update({f"train/{k}": stats[k] for k in ("loss_last", "step_s", "wall_s") if k in stats})
     metrics.update(numeric_scalars(info or {}))
     tracker.log_metrics(metrics, step=t, child=True)
     tracker.log_metrics(metrics, step=t)
-    tracker.log_artifact(adapter_dir, "adapter", child=True)
+    if tracker.run_id is None:  # tracking disabled: nothing to copy
+        return
+    with run_dir.local_copy(adapter) as local:
+        tracker.log_artifact(local, "adapter", child=True)
+    for name in run_dir.list("subspaces"):
+        if name.startswith(f"step{t}-{d}"):
+            with run_dir.local_copy(f"subspaces/{name}") as local:
+                tracker.log_artifact(local, "subspaces", child=True)
     _track_generations(tracker, run_dir, t, child=True)
-    sub = run_dir / "subspaces"
-    if sub.is_dir():
-        for f in sorted(sub.glob(f"step{t}-{d}*")):
-            if f.is_file():
-                tracker.log_artifact(f, "subspaces", child=True)
 
 
-def _track_generations(tracker, run_dir: Path, t: int, child: bool) -> None:
+def _track_generations(tracker, run_dir: RunDir, t: int, child: bool) -> None:
     """The step's generations/step<t>.jsonl as an MLflow table (read back from the file, so a
     resumed run whose evaluation step had finished logs it too)."""
-    path = run_dir / "generations" / f"step{t}.jsonl"
-    if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    name = f"generations/step{t}.jsonl"
+    if run_dir.is_file(name):
+        rows = [json.loads(line) for line in run_dir.read_text(name).splitlines() if line]
         tracker.log_table(rows, f"generations/step{t}.json", child=child)

@@ -15,72 +15,49 @@ import json
 import time
 from typing import Any
 
-import pyarrow.fs as pafs
 import torch
+
+from safeanchor.storage import RunDir
 
 MARKER = "_COMPLETE"
 
 
-def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI (s3://, gs://, file://, ...)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    import os
-
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
 class StepStore:
-    def __init__(self, root_uri: str) -> None:
-        self.uri = root_uri
-        self.fs, self.root = open_fs(root_uri)
-        self.fs.create_dir(self.root, recursive=True)
+    """The `steps/` directory of a run, on any filesystem a `RunDir` reaches."""
 
-    def _p(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
+    def __init__(self, root: RunDir) -> None:
+        self.dir = root
+        self.dir.mkdir()
 
     def done(self, step: str) -> bool:
-        return self.fs.get_file_info(self._p(step, MARKER)).type == pafs.FileType.File
+        return self.dir.is_file(f"{step}/{MARKER}")
 
     def read(self, step: str, name: str) -> bytes:
         if not self.done(step):
-            raise FileNotFoundError(f"step {step!r} is not finished (no {MARKER} in {self._p(step)})")
-        with self.fs.open_input_stream(self._p(step, name)) as f:
-            return f.read()
+            raise FileNotFoundError(f"step {step!r} is not finished (no {MARKER} in {self.dir.uri(step)})")
+        return self.dir.read_bytes(f"{step}/{name}")
 
     def has(self, step: str, name: str) -> bool:
-        return self.fs.get_file_info(self._p(step, name)).type == pafs.FileType.File
+        return self.dir.is_file(f"{step}/{name}")
 
     def record(self, step: str) -> dict[str, Any]:
         return json.loads(self.read(step, "record.json"))
 
     def write(self, step: str, files: dict[str, bytes]) -> None:
         """Write a step's files, then its marker. Leftovers of an unfinished attempt go first."""
-        d = self._p(step)
-        if self.fs.get_file_info(d).type != pafs.FileType.NotFound:
-            self.fs.delete_dir(d)
-        self.fs.create_dir(d, recursive=True)
+        self.dir.delete(step)
         for name, data in files.items():
-            with self.fs.open_output_stream(f"{d}/{name}") as f:
-                f.write(data)
-        with self.fs.open_output_stream(f"{d}/{MARKER}") as f:
-            f.write(json.dumps({"finished": time.time()}).encode())
+            self.dir.write_bytes(f"{step}/{name}", data)
+        self.dir.write_bytes(f"{step}/{MARKER}", json.dumps({"finished": time.time()}).encode())
 
     def log_execution(self, step: str) -> None:
-        path = self._p("_executions.jsonl")
-        old = b""
-        if self.fs.get_file_info(path).type == pafs.FileType.File:
-            with self.fs.open_input_stream(path) as f:
-                old = f.read()
-        with self.fs.open_output_stream(path) as f:  # object stores have no append
-            f.write(old + (json.dumps({"step": step, "time": time.time()}) + "\n").encode())
+        self.dir.append_line("_executions.jsonl", json.dumps({"step": step, "time": time.time()}))
 
     def executions(self) -> list[str]:
-        path = self._p("_executions.jsonl")
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
+        if not self.dir.is_file("_executions.jsonl"):
             return []
-        with self.fs.open_input_stream(path) as f:
-            return [json.loads(line)["step"] for line in f.read().decode().splitlines() if line.strip()]
+        return [json.loads(line)["step"] for line in self.dir.read_text("_executions.jsonl").splitlines()
+                if line.strip()]
 
 
 # ---- (de)serialising a method's state: tensors -> safetensors, the rest -> JSON -------------

@@ -2,6 +2,7 @@
 
 import io
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -13,6 +14,7 @@ from safeanchor.methods.base import Context
 from safeanchor.methods.olora import OLora, OLoraConfig, orthogonality_loss
 from safeanchor.models import lora_layers
 from safeanchor.pipeline.config import RunConfig
+from safeanchor.storage import RunDir
 from safeanchor.train.loop import TrainConfig, train_examples
 
 EXAMPLES = [
@@ -32,7 +34,12 @@ def tok():
 def make_ctx(tok, tmp_path=None):
     model = tiny_lora(tok)
     return Context(model=model, tokenizer=tok, run_cfg=RunConfig(), log=lambda *_: None,
-                   run_dir=str(tmp_path) if tmp_path else None)
+                   run_dir=_subtree(tmp_path) if tmp_path else None)
+
+
+def _subtree(path):
+    """The run directory as a pyarrow SubTreeFileSystem (methods write through safeanchor.storage)."""
+    return RunDir(pafs.SubTreeFileSystem(str(path), pafs.LocalFileSystem()), "/")
 
 
 def logits(model, tok):
@@ -175,6 +182,7 @@ def test_adapters_save_and_load(tok, tmp_path):
     assert info["frozen_adapters"] == 1 and info["orth_loss"] > 0
     want = logits(ctx.model, tok)
 
+    assert info["dir"] == str(tmp_path / "olora" / "step2-legal")  # written through the SubTreeFileSystem
     loaded = PeftModel.from_pretrained(tiny_llama(tok), info["dir"])
     loaded.load_adapter(f"{info['dir']}/olora1", adapter_name="olora1")
     loaded.base_model.set_adapter(["default", "olora1"])
