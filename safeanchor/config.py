@@ -8,15 +8,9 @@ mistake surfaces as one :class:`ConfigError` line that names the dotted key at f
 
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
-import inspect
-import io
-import os
 import re
-import textwrap
-import tokenize
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -31,10 +25,11 @@ __all__ = [
     "check",
     "deep_merge",
     "describe",
+    "dump_yaml",
+    "help_text",
     "from_dict",
     "load_yaml",
     "parse_override",
-    "save_config",
     "to_dict",
 ]
 
@@ -396,66 +391,15 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def save_config(obj: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML atomically so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = to_dict(obj)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(data, fh, sort_keys=False, default_flow_style=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def dump_yaml(obj: Any) -> str:
+    """The resolved config as YAML text (block style, field order kept), which `from_dict`
+    reads back to an equal config. Callers write it atomically (safeanchor.storage.RunDir)."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
 
 
 # --------------------------------------------------------------------------------------------
 # help output
 # --------------------------------------------------------------------------------------------
-
-
-def _comment_docs(cls: type) -> dict[str, str]:
-    """Field docs taken from source comments: trailing ``# ...`` or comment lines right above."""
-    try:
-        src = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    lines = src.splitlines()
-    comments: dict[int, str] = {}
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-            if tok.type == tokenize.COMMENT:
-                comments[tok.start[0]] = tok.string.lstrip("#").strip()
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        return {}
-    try:
-        tree = ast.parse(src)
-    except SyntaxError:
-        return {}
-    node = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
-    if node is None:
-        return {}
-    docs: dict[str, str] = {}
-    for stmt in node.body:
-        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
-            continue
-        end = stmt.end_lineno or stmt.lineno
-        trailing = [comments[n] for n in range(stmt.lineno, end + 1) if n in comments]
-        if trailing:
-            docs[stmt.target.id] = " ".join(trailing)
-            continue
-        above: list[str] = []
-        n = stmt.lineno - 1
-        while n >= 1 and n in comments and lines[n - 1].lstrip().startswith("#"):
-            above.insert(0, comments[n])
-            n -= 1
-        if above:
-            docs[stmt.target.id] = " ".join(above)
-    return docs
 
 
 def _nested_dataclass(tp: Any) -> type | None:
@@ -468,10 +412,33 @@ def _nested_dataclass(tp: Any) -> type | None:
     return None
 
 
+def _value_text(value: Any, width: int = 90) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    text = text.removesuffix("...").strip()
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def help_text(obj: Any, prefix: str = "") -> str:
+    """What ``--help-config`` prints for a config instance: every leaf key (dotted, with
+    `prefix`), its type, its value in `obj` and its documentation."""
+    tree = to_dict(obj)
+    lines = []
+    for key, tp, doc in describe(type(obj)):
+        node: Any = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        lines.append(f"{_join(prefix, key)}: {tp} = {_value_text(node)}")
+        if doc:
+            lines.append(f"    {doc}")
+    return "\n".join(lines)
+
+
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """List ``(dotted key, type, doc)`` for every leaf field, for ``--help``-style output."""
+    """``(dotted key, type, doc)`` for every leaf field (doc: the field's ``metadata["doc"]``),
+    what ``workflows/sequential.py --help-config`` prints."""
     hints = _field_types(cls)
-    comment_docs = _comment_docs(cls)
     rows: list[tuple[str, str, str]] = []
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -482,6 +449,5 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
         if nested is not None:
             rows.extend(describe(nested, key))
             continue
-        doc = f.metadata.get("doc") or comment_docs.get(f.name, "")
-        rows.append((key, _type_name(tp), doc))
+        rows.append((key, _type_name(tp), f.metadata.get("doc", "")))
     return rows

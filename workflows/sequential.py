@@ -4,6 +4,7 @@
     python workflows/sequential.py --method lora --seed 1 --order medical,legal,code
     python workflows/sequential.py --config workflows/configs/toy.yaml --set train.lr=5e-4
     python workflows/sequential.py --resume safeanchor-seed0-medical-legal-code   # continue a run
+    python workflows/sequential.py --help-config                    # every --set key, documented
 
 Parse -> build -> run -> report; all logic lives in the `safeanchor` package.
 """
@@ -31,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RUN_ID",
                    help="continue the run RUN_ID under --storage with its saved config; finished steps are skipped")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config key (for --set) with its type, value and meaning, and exit; "
+                        "the method's options for the chosen --method")
     return p.parse_args(argv)
 
 
@@ -63,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_run_config(args.config, args.overrides, method=args.method, seed=args.seed,
                                   run_id=args.run_id, storage=args.storage, **{"data.order": order})
+        if args.help_config:
+            print(_config_help(cfg))
+            return 0
         if args.print_config:
             import yaml
 
@@ -75,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _config_help(cfg) -> str:
+    from safeanchor.config import from_dict, help_text
+    from safeanchor.methods import METHODS
+
+    entry = METHODS[cfg.method]
+    parts = [help_text(cfg)]
+    if entry.config_cls is not None:
+        options = from_dict(entry.config_cls, cfg.methods.get(cfg.method) or {}, prefix=f"methods.{cfg.method}")
+        parts.append(f"\n# options of method {cfg.method!r} (--method NAME lists another's)\n"
+                     + help_text(options, prefix=f"methods.{cfg.method}"))
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import yaml
 
-from safeanchor.config import ConfigError, from_dict, to_dict
+from safeanchor.config import ConfigError, dump_yaml, from_dict, to_dict
 from safeanchor.data import ChatExample, load_examples
 from safeanchor.evaluation import EvalSuite, evaluate, load_extra_files, probe_safety
 from safeanchor.judges import build_judge
@@ -152,7 +151,8 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Cheap validation first: bad files or options fail before anything is built or written.
-    run_dir = open_storage(cfg, storage).sub(cfg.resolved_run_id())
+    storage = open_storage(cfg, storage)
+    run_dir = storage.sub(cfg.resolved_run_id())
     if worker:
         pass
     elif resume and not run_dir.is_file("config.yaml"):
@@ -161,7 +161,7 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
         raise ConfigError("run_id", f"{run_dir.uri()} already holds a run: continue it with --resume "
                           f"{cfg.resolved_run_id()}, or choose another --run-id / --storage")
     if not worker:
-        run_dir.check_writable()  # e.g. --storage /proc/nope: one line now, not a traceback later
+        storage.check_writable()  # e.g. --storage /proc/nope: one line now, not a traceback later
     extra_h, extra_b = load_extra_files(cfg.eval)
     judge = build_judge(cfg.eval.judge)
     method = build_method(cfg.method, cfg.methods.get(cfg.method))
@@ -208,7 +208,7 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
 
     if not worker:
         if not resume:
-            run_dir.write_text("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            run_dir.write_text("config.yaml", dump_yaml(cfg))
         log(f"[run] {cfg.resolved_run_id()} -> {run_dir.uri()}")
 
     ctx = Context(

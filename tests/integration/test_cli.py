@@ -78,3 +78,17 @@ def test_empty_dataset(tmp_path):
     empty.write_text("")
     proc = run_cli(tmp_path, "--set", f"eval.benign_files=[{empty}]")
     assert_clean_failure(tmp_path, proc, str(empty), "no examples")
+
+
+def test_help_config_lists_every_key_with_type_value_and_doc(tmp_path):
+    proc = run_cli(tmp_path, "--method", "ewc", "--set", "train.lr=0.0005", "--help-config")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    keys = [ln.split(":", 1)[0] for ln in lines if ln and not ln.startswith((" ", "#"))]
+    assert "train.lr: float = 0.0005" in lines  # the value after --config and --set
+    assert {"storage", "cluster.executor", "tracking.enabled", "methods.ewc.lam"} <= set(keys)
+    assert not any(k.startswith("methods.safeanchor.") for k in keys)  # only the chosen method's options
+    for i, ln in enumerate(lines):  # every key is documented on the next line
+        if ln and not ln.startswith((" ", "#")):
+            assert i + 1 < len(lines) and lines[i + 1].startswith("    ") and lines[i + 1].strip(), ln
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "toyworld").exists()

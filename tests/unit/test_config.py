@@ -15,17 +15,18 @@ from safeanchor.config import (
     check,
     deep_merge,
     describe,
+    dump_yaml,
     from_dict,
+    help_text,
     load_yaml,
     parse_override,
-    save_config,
     to_dict,
 )
 
 
 @dataclass
 class Optim:
-    lr: float = 1e-3  # learning rate
+    lr: float = field(default=1e-3, metadata={"doc": "learning rate"})
     betas: tuple[float, ...] = (0.9, 0.999)
     schedule: Literal["cosine", "linear"] = "cosine"
     warmup: int | None = None
@@ -49,8 +50,7 @@ class Train:
 class Run:
     name: str = field(default="toy", metadata={"doc": "run name"})
     train: Train = field(default_factory=Train)
-    # seed for everything
-    seed: int = 0
+    seed: int = field(default=0, metadata={"doc": "seed for everything"})
 
 
 @dataclass
@@ -266,12 +266,10 @@ def test_to_dict_round_trip() -> None:
     assert from_dict(Run, d) == cfg
 
 
-def test_save_config_atomic(tmp_path: Path) -> None:
+def test_dump_yaml_round_trip(tmp_path: Path) -> None:
     cfg = from_dict(Run, {"train": {"optim": {"lr": 1e-5}, "tags": ["a"]}})
-    path = tmp_path / "out" / "config.yaml"
-    save_config(cfg, path)
-    assert path.exists()
-    assert list(path.parent.iterdir()) == [path]
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(cfg))
     assert from_dict(Run, load_yaml(path)) == cfg
 
 
@@ -282,4 +280,14 @@ def test_describe() -> None:
     assert rows["train.optim.lr"] == ("float", "learning rate")
     assert rows["train.optim.schedule"][0] == "Literal['cosine', 'linear']"
     assert rows["train.optim.warmup"][0] == "int | None"
+    assert rows["train.steps"] == ("int", "")  # undocumented
     assert "train.cached" not in rows
+
+
+def test_help_text_shows_type_value_and_doc() -> None:
+    cfg = from_dict(Run, {"seed": 7, "train": {"optim": {"lr": 2e-4}, "tags": ["a", "b"]}})
+    lines = help_text(cfg, prefix="run").splitlines()
+    assert "run.seed: int = 7" in lines and lines[lines.index("run.seed: int = 7") + 1] == "    seed for everything"
+    assert "run.train.optim.lr: float = 0.0002" in lines
+    assert "run.train.tags: list[str] = [a, b]" in lines
+    assert "run.train.optim.warmup: int | None = null" in lines

@@ -185,11 +185,11 @@ def test_saved_config_names_the_same_toy_world(tmp_path):
     the toy world's cache key (a changed key silently rebuilt the world, ~8 min)."""
     from pathlib import Path
 
-    from safeanchor.config import save_config
+    from safeanchor.config import dump_yaml
     from safeanchor.pipeline.config import load_run_config
 
     toy = Path(__file__).resolve().parents[2] / "workflows" / "configs" / "toy.yaml"
     cfg = load_run_config(toy)
-    save_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
     again = load_run_config(tmp_path / "config.yaml")
     assert again.toyworld.key() == cfg.toyworld.key()
