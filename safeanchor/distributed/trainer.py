@@ -124,6 +124,12 @@ def ensure_ray(cluster: ClusterConfig) -> None:
     """Attach to / start Ray unless this process already did (tests start their own)."""
     import ray
 
+    # Ray Train's PreemptionWatcher (an actor that watches for node drains) prints a core_worker
+    # error line on every phase ("... constructor arguments in the object store and max_restarts
+    # > 0"). Off unless the user sets the variable: a drained node's workers fail, and the phase
+    # restarts from its last checkpoint (cluster.max_failures). Ray Train passes the driver's
+    # value on to its controller, in a local Ray and in a `ray job submit` job alike.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if not ray.is_initialized():
         ray.init(address=cluster.address)
         # Helper processes Ray Train starts (e.g. its PlacementGroupCleaner) attach with a bare
