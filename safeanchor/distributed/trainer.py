@@ -179,7 +179,7 @@ def fit_phase(
         setup = load_builder(job.builder)(job.args)
         return run_phase(setup, cluster, job.out_dir, log=log)
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(cluster)
@@ -202,6 +202,10 @@ def fit_phase(
             else os.path.abspath(storage_path),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cluster.checkpoints_to_keep),
+            # Ray Train's own INFO lines (resources requested, worker group started, process group
+            # set up) stay in its log files; the console keeps warnings and rank 0's progress,
+            # which goes through the root logger (_worker_log), not `ray.train`.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     out = trainer.fit().return_value

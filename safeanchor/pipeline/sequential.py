@@ -34,7 +34,7 @@ from safeanchor.pipeline.store import (
     unpack_state,
 )
 from safeanchor.storage import RunDir
-from safeanchor.tracking import make_tracker, numeric_scalars
+from safeanchor.tracking import default_tracking_uri, make_tracker, numeric_scalars
 from safeanchor.train.loop import TrainConfig, train_examples
 
 CORE_METRICS = ("safety", "over_refusal", "helpful", "general")
@@ -125,7 +125,7 @@ class PreparedRun:
     """Everything a run needs, loaded and validated; the run directory exists."""
 
     cfg: RunConfig
-    run_dir: RunDir
+    run_dir: RunDir | None  # None in a training worker
     tokenizer: Any
     suite: EvalSuite
     judge: Any
@@ -151,8 +151,8 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Cheap validation first: bad files or options fail before anything is built or written.
-    storage = open_storage(cfg, storage)
-    run_dir = storage.sub(cfg.resolved_run_id())
+    # a worker only trains: it neither opens the storage (no s3:// client per worker) nor writes
+    run_dir = None if worker else open_storage(cfg, storage).sub(cfg.resolved_run_id())
     if worker:
         pass
     elif resume and not run_dir.is_file("config.yaml"):
@@ -161,7 +161,9 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
         raise ConfigError("run_id", f"{run_dir.uri()} already holds a run: continue it with --resume "
                           f"{cfg.resolved_run_id()}, or choose another --run-id / --storage")
     if not worker:
-        storage.check_writable()  # e.g. --storage /proc/nope: one line now, not a traceback later
+        open_storage(cfg, storage).check_writable()  # --storage /proc/nope: one line, before any work
+        if cfg.tracking.enabled:  # e.g. s3:// storage without an MLflow server: fail before any work
+            default_tracking_uri(cfg.tracking, open_storage(cfg, storage))
     extra_h, extra_b = load_extra_files(cfg.eval)
     judge = build_judge(cfg.eval.judge)
     method = build_method(cfg.method, cfg.methods.get(cfg.method))

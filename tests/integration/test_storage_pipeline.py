@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "workflows"))
 import sequential  # noqa: E402  (workflows/sequential.py)
 
+from safeanchor.config import ConfigError  # noqa: E402
 from safeanchor.pipeline.config import load_run_config  # noqa: E402
 from safeanchor.pipeline.sequential import run_pipeline  # noqa: E402
 from safeanchor.storage import RunDir  # noqa: E402
@@ -104,3 +105,14 @@ def test_pipeline_on_a_non_local_filesystem(tmp_path, cache):
     assert not (tmp_path / "unused").exists()
     run_pipeline(cfg, log=lambda *_: None, resume=True, storage=storage)  # resume reads it back
     assert storage.sub("mem").read_json("summary.json")["executions"] == s["executions"]
+
+
+def test_non_local_storage_without_an_mlflow_server_fails_before_any_work(tmp_path):
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("memory")))
+    storage = RunDir(fs, f"/bucket-{uuid.uuid4().hex[:8]}/runs")
+    cache = tmp_path / "cache"
+    cfg = load_run_config(TINY, [f"toyworld.cache_dir={cache}"], run_id="m")
+    with pytest.raises(ConfigError) as e:
+        run_pipeline(cfg, log=lambda *_: None, storage=storage)
+    assert e.value.key == "tracking.tracking_uri"
+    assert not cache.exists() and not storage.exists("m")  # no toy world built, no run directory
