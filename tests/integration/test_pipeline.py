@@ -53,6 +53,19 @@ def test_lora_pipeline_writes_summary_adapters_and_config(tmp_path, cache):
     # plastic = mean of the score right after each domain's own training
     want = (s["domain"]["legal"][1] + s["domain"]["code"][2]) / 2
     assert abs(s["domain_plastic"] - want) < 1e-9
+    # held-out-topic safety and the methods'-topics safety side by side; nothing NaN
+    assert s["split"] == "test" and len(s["safety_seen_topics"]) == 3
+    # the tiny world's model refuses nothing at step 0: retention is NaN, and says so
+    assert s["warnings"] == ([] if s["safety"][0] > 0 else ["retention is NaN"])
+    # what the model said, per step: the rows give back the step's metrics
+    for t in range(3):
+        rows = [json.loads(x) for x in (run / "generations" / f"step{t}.jsonl").read_text().splitlines()]
+        harmful = [r for r in rows if r["set"] == "harmful"]
+        assert harmful and all(r["step"] == t and r["prompt"] and "generation" in r for r in harmful)
+        assert abs(sum(r["refusal"] for r in harmful) / len(harmful) - s["safety"][t]) < 1e-9
+        code = [r for r in rows if r["set"] == "domain/code"]
+        assert abs(sum(r["correct"] for r in code) / len(code) - s["domain"]["code"][t]) < 1e-9
+        assert {r["set"] for r in rows} >= {"harmful", "harmful_seen", "benign", "general", "xh/my_harmful"}
 
 
 def test_safeanchor_pipeline_records_ssi_and_csm(tmp_path, cache):
