@@ -57,6 +57,9 @@ class TrackingConfig:
         "doc": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, "
                "else sqlite:///<abs storage>/mlflow.db)"})
     experiment: str = field(default="safeanchor", metadata={"doc": "MLflow experiment name"})
+    parent_run_id: str | None = field(default=None, metadata={
+        "doc": "nest the pipeline's run under this MLflow run of the same experiment (a sweep's run: "
+               "workflows/sweep.py sets it per trial); null: a top-level run"})
 
     def __post_init__(self) -> None:
         check(bool(self.experiment.strip()), "experiment", "must not be empty")
@@ -268,8 +271,10 @@ class Tracker:
         """Open the parent run; `params` is a nested or flat dict (flattened to dotted keys)."""
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={k: str(v) for k, v in (tags or {}).items()})
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        if self.cfg.parent_run_id:
+            tags["mlflow.parentRunId"] = self.cfg.parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         flat = flatten(params)
         items = [Param(k, v) for k, v in flat.items()]

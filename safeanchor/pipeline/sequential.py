@@ -221,10 +221,13 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
     return PreparedRun(cfg, run_dir, tokenizer, suite, judge, method, ctx, domain_train, list(extra_h))
 
 
-def run_pipeline(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir | None = None,
+                 on_domain=None) -> dict[str, Any]:
     """Run (or, with resume, continue) the pipeline; finished steps under run_dir/steps are skipped.
 
-    storage: the storage root as a RunDir (default: cfg.storage, a local path or pyarrow.fs URI)."""
+    storage: the storage root as a RunDir (default: cfg.storage, a local path or pyarrow.fs URI).
+    on_domain(t, history): called after domain t's evaluation (also for a step finished earlier
+    and skipped on resume), history = the evaluations of steps 0..t (Ray Tune reports from it)."""
     t_start = time.perf_counter()
     storage = open_storage(cfg, storage)
     run = prepare_run(cfg, log, resume=resume, storage=storage)
@@ -236,7 +239,7 @@ def run_pipeline(cfg: RunConfig, log=print, resume: bool = False, storage: RunDi
                             "resumed": resume})
         if tracker.run_id:
             log(f"[mlflow] run {tracker.run_id} at {tracker.tracking_uri}")
-        summary = Runner(cfg, run, tracker, log).run()
+        summary = Runner(cfg, run, tracker, log, on_domain).run()
         summary["wall_s"] = time.perf_counter() - t_start
         summary["mlflow_tracking_uri"] = tracker.tracking_uri
         summary["mlflow_run_id"] = tracker.run_id
@@ -270,8 +273,9 @@ class Runner:
     the method are restored from the last finished checkpoint before the first unfinished step.
     """
 
-    def __init__(self, cfg: RunConfig, run: PreparedRun, tracker, log) -> None:
+    def __init__(self, cfg: RunConfig, run: PreparedRun, tracker, log, on_domain=None) -> None:
         self.cfg, self.run_, self.tracker, self.log = cfg, run, tracker, log
+        self.on_domain = on_domain  # see run_pipeline
         self.model, self.tok, self.method, self.ctx = run.ctx.model, run.tokenizer, run.method, run.ctx
         self.store = StepStore(run.run_dir.sub("steps"))
         self.pending: str | None = None  # last finished checkpoint not yet loaded
@@ -404,6 +408,8 @@ class Runner:
                 # the whole file, atomically, after each domain (a resume rebuilds it from the steps)
                 run.run_dir.write_text("metrics.jsonl", "\n".join(lines) + "\n")
                 _track_step(self.tracker, run.run_dir, t, d, history[-1], stats, info, adapter)
+            if self.on_domain is not None:
+                self.on_domain(t, list(history))
         run.run_dir.write_text("metrics.jsonl", "\n".join(lines) + "\n")
         summary = summarize(cfg, history, run.extras)
         summary["steps"] = steps_info
