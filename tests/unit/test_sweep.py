@@ -18,7 +18,13 @@ from safeanchor.pipeline.config import load_run_config
 from safeanchor.pipeline.sequential import summarize
 from safeanchor.sweep import report
 from safeanchor.sweep.driver import SweepSpec, check_seeds, check_space, concurrency, trial_cpus
-from safeanchor.sweep.objective import ObjectiveConfig, mean_over_seeds, objective, pareto_front, running_metrics
+from safeanchor.sweep.objective import (
+    ObjectiveConfig,
+    mean_over_seeds,
+    objective,
+    pareto_front,
+    running_metrics,
+)
 from safeanchor.sweep.space import as_overrides, check_spec, corners, load_space, to_tune
 from safeanchor.sweep.trainable import TrialContext, history_from_metrics
 
