@@ -129,7 +129,10 @@ def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k
 
     ensure_ray(cluster)
     use_gpu = resolve_use_gpu(cluster)
-    opts = {"num_cpus": cluster.cpus_per_worker, "num_gpus": cluster.gpus_per_worker if use_gpu else 0}
+    # "DEFAULT": never inside an enclosing placement group (a Ray Tune trial's, which reserves only
+    # the trial's own CPU: SSI inside a sweep trial takes its CPUs from the cluster, as Train does)
+    opts = {"num_cpus": cluster.cpus_per_worker, "num_gpus": cluster.gpus_per_worker if use_gpu else 0,
+            "scheduling_strategy": "DEFAULT"}
     bounds = shard_bounds(len(job.examples), cluster.ssi_workers)
     blocks = cluster.ssi_blocks
     shard_task = ray.remote(_shard_task).options(num_returns=blocks, **opts)
@@ -137,7 +140,7 @@ def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k
             for lo, hi in bounds]
     if blocks == 1:
         refs = [[r] for r in refs]
-    merge = ray.remote(_merge_task).options(num_cpus=cluster.cpus_per_worker)
+    merge = ray.remote(_merge_task).options(num_cpus=cluster.cpus_per_worker, scheduling_strategy="DEFAULT")
     merged = ray.get([merge.remote(rho, k_max, k_fixed, eps, *[r[b] for r in refs]) for b in range(blocks)])
     order = merged[0][0]
     out: dict[str, Subspace] = {}

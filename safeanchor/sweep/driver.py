@@ -179,6 +179,11 @@ def _tune(spec: SweepSpec, ctx: TrialContext, cfg, own: float, peak: float, resu
         tuner = tune.Tuner.restore(str(spec.dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
         cpus = ray.cluster_resources().get("CPU", 1.0)
+        c = cfg.cluster
+        if c.executor == "ray" and own + c.cpus_per_worker * c.num_workers > cpus:
+            # the Train workers' placement group could never be placed: every trial would hang
+            raise ConfigError("cluster.num_workers", f"a trial needs {own:g} CPU + {c.num_workers} Train workers x "
+                              f"{c.cpus_per_worker:g} CPU, the Ray cluster has {cpus:g} CPUs")
         conc = spec.max_concurrent or concurrency(cpus, peak, spec.trials)
         log(f"[sweep] {spec.trials} trials of {spec.method} ({spec.search}, seed {spec.search_seed}; "
             f"{spec.scheduler}), seeds {spec.seeds}, {conc} at once ({cpus:g} CPUs, {peak:g} per trial) -> {spec.dir}")

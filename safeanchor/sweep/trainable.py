@@ -23,6 +23,7 @@ durable steps under <sweep>/runs/<trial_id>-seed<s>/ (a finished step is never r
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,10 +74,14 @@ def history_from_metrics(path: Path) -> list[dict[str, float]]:
 
 def run_trial(point: dict[str, Any], ctx: TrialContext) -> None:
     """Tune function trainable (see the module docstring)."""
+    import ray
     from ray import tune
 
     from safeanchor.pipeline.sequential import run_pipeline
 
+    # Helper processes Ray Train starts from this trial (its PlacementGroupCleaner) attach with a
+    # bare ray.init(): point them at this cluster, or they fail when a machine runs several.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     trial_id = tune.get_context().get_trial_id()
     progress = {"reported": 0, "finals": {}}
     ckpt = tune.get_checkpoint()

@@ -173,3 +173,19 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_instanc
     assert len(rows) == 2 and all(",complete," in r for r in rows)
     assert len(_results(out / f"trial_{first.name.split('-')[0]}")) == 1
     assert (out / "best.yaml").is_file()
+
+
+def test_trials_train_on_ray_train_workers(ray_instance, cache, tmp_path):
+    """cluster.executor: ray inside a trial: each training phase is a Ray Train run that the trial
+    function starts itself (Train inside Tune)."""
+    storage = tmp_path / "sweeps"
+    argv = ["--method", "lora", "--config", TINY, "--trials", "1", "--order", "medical", "--seeds", "100",
+            "--storage", str(storage), "--set", f"toyworld.cache_dir={cache}", "--set", "cluster.executor=ray",
+            "--set", "train.max_steps=2", "--set", "tracking.enabled=false"]
+    assert sweep.main(argv) == 0
+    out = storage / "lora-tiny"
+    run = next((out / "runs").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"][0]["train"]["world_size"] == 1 and summary["steps"][0]["train"]["steps"] == 2
+    assert any((run / "ray").iterdir())  # the phase's Ray Train run
+    assert len(_results(next(out.glob("trial_*")))) == 1 and (out / "best.yaml").is_file()
