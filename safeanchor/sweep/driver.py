@@ -98,6 +98,20 @@ def concurrency(cluster_cpus: float, peak: float, trials: int) -> int:
     return max(1, min(trials, int(math.floor(cluster_cpus / peak + 1e-9))))
 
 
+def check_resources(cfg, own: float) -> None:
+    """Refuse a sweep whose trials could never be placed (they would wait forever)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    c = cfg.cluster
+    need = own + (c.cpus_per_worker * c.num_workers if c.executor == "ray" else 0.0)
+    if need > cpus:
+        key = "cluster.num_workers" if c.executor == "ray" else "threads"
+        raise ConfigError(key, f"a trial needs {need:g} CPUs at once ({own:g} for the trial process"
+                          + (f", {c.num_workers} Train workers x {c.cpus_per_worker:g}" if c.executor == "ray" else "")
+                          + f"); the Ray cluster has {cpus:g}")
+
+
 def _save_spec(spec: SweepSpec) -> None:
     spec.dir.mkdir(parents=True, exist_ok=True)
     report.write_text(spec.dir / "sweep.json", json.dumps(asdict(spec), indent=2))
@@ -131,6 +145,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, num_cpus: int | None = None
     cfg = check_space(spec, ctx)
     ctx.threads = int(cfg.threads or 1)
     own, peak = trial_cpus(cfg)
+    _ensure_ray(cfg.cluster.address, num_cpus)
+    check_resources(cfg, own)
 
     from safeanchor.tracking import Tracker, make_tracker
 
@@ -170,7 +186,6 @@ def _tune(spec: SweepSpec, ctx: TrialContext, cfg, own: float, peak: float, resu
     import ray
     from ray import tune
 
-    _ensure_ray(cfg.cluster.address, num_cpus)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": own})
     if resume:
         if not tune.Tuner.can_restore(str(spec.dir)):
@@ -179,11 +194,6 @@ def _tune(spec: SweepSpec, ctx: TrialContext, cfg, own: float, peak: float, resu
         tuner = tune.Tuner.restore(str(spec.dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
         cpus = ray.cluster_resources().get("CPU", 1.0)
-        c = cfg.cluster
-        if c.executor == "ray" and own + c.cpus_per_worker * c.num_workers > cpus:
-            # the Train workers' placement group could never be placed: every trial would hang
-            raise ConfigError("cluster.num_workers", f"a trial needs {own:g} CPU + {c.num_workers} Train workers x "
-                              f"{c.cpus_per_worker:g} CPU, the Ray cluster has {cpus:g} CPUs")
         conc = spec.max_concurrent or concurrency(cpus, peak, spec.trials)
         log(f"[sweep] {spec.trials} trials of {spec.method} ({spec.search}, seed {spec.search_seed}; "
             f"{spec.scheduler}), seeds {spec.seeds}, {conc} at once ({cpus:g} CPUs, {peak:g} per trial) -> {spec.dir}")
