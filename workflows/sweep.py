@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                 search_seed=args.search_seed, scheduler=args.scheduler, reduction_factor=args.reduction_factor,
                 max_concurrent=args.max_concurrent,
                 objective=ObjectiveConfig(retention_target=args.retention_target, penalty=args.penalty))
-            if args.trials < 1:
-                raise ConfigError("trials", "must be >= 1")
+            for key, bad in (("trials", args.trials < 1), ("reduction_factor", args.reduction_factor <= 1),
+                             ("max_concurrent", args.max_concurrent is not None and args.max_concurrent < 1)):
+                if bad:
+                    raise ConfigError(key, "must be >= 1" if key != "reduction_factor" else "must be > 1")
         out = run_sweep(spec, resume=bool(args.resume), num_cpus=args.num_cpus)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -165,7 +165,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, num_cpus: int | None = None
     _save_spec(spec)
     status = "FAILED"
     try:
-        out = _tune(spec, ctx, cfg, own, peak, resume, num_cpus, log)
+        out = _tune(spec, ctx, cfg, peak, resume, log)
         if isinstance(tracker, Tracker):
             closed = close_orphans(tracker.client, tracker.experiment_id, tracker.run_id)
             if closed:
@@ -181,11 +181,11 @@ def run_sweep(spec: SweepSpec, resume: bool = False, num_cpus: int | None = None
         tracker.fail(status)  # ends the sweep run with this status (FINISHED included)
 
 
-def _tune(spec: SweepSpec, ctx: TrialContext, cfg, own: float, peak: float, resume: bool,
-          num_cpus: int | None, log) -> dict[str, Any]:
+def _tune(spec: SweepSpec, ctx: TrialContext, cfg, peak: float, resume: bool, log) -> dict[str, Any]:
     import ray
     from ray import tune
 
+    own, _ = trial_cpus(cfg)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": own})
     if resume:
         if not tune.Tuner.can_restore(str(spec.dir)):
