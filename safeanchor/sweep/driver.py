@@ -93,9 +93,24 @@ def trial_cpus(cfg) -> tuple[float, float]:
     return 1.0, 1.0 + c.cpus_per_worker * max(c.num_workers, c.ssi_workers)
 
 
-def concurrency(cluster_cpus: float, peak: float, trials: int) -> int:
-    """Trials at once: as many as the cluster's CPUs hold at their peak (at least 1)."""
-    return max(1, min(trials, int(math.floor(cluster_cpus / peak + 1e-9))))
+def trial_resources(cfg, cluster_gpus: float) -> dict[str, float]:
+    """What Tune reserves for the trial process: its CPUs and, when it trains in-process on a
+    cluster with GPUs, one worker's GPUs (Ray Train workers and SSI tasks reserve their own)."""
+    own, _ = trial_cpus(cfg)
+    res = {"CPU": own}
+    c = cfg.cluster
+    if c.executor == "local" and cluster_gpus > 0 and c.use_gpu is not False:
+        res["GPU"] = c.gpus_per_worker
+    return res
+
+
+def concurrency(cluster_cpus: float, peak: float, trials: int, cluster_gpus: float = 0.0,
+                trial_gpus: float = 0.0) -> int:
+    """Trials at once: as many as the cluster's CPUs (and GPUs) hold at their peak (at least 1)."""
+    n = int(math.floor(cluster_cpus / peak + 1e-9))
+    if trial_gpus > 0:
+        n = min(n, int(math.floor(cluster_gpus / trial_gpus + 1e-9)))
+    return max(1, min(trials, n))
 
 
 def check_resources(cfg, own: float) -> None:
@@ -185,8 +200,9 @@ def _tune(spec: SweepSpec, ctx: TrialContext, cfg, peak: float, resume: bool, lo
     import ray
     from ray import tune
 
-    own, _ = trial_cpus(cfg)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": own})
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    res = trial_resources(cfg, gpus)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), res)
     if resume:
         if not tune.Tuner.can_restore(str(spec.dir)):
             raise ConfigError("resume", f"{spec.dir} holds no Tune experiment state to restore")
@@ -194,7 +210,7 @@ def _tune(spec: SweepSpec, ctx: TrialContext, cfg, peak: float, resume: bool, lo
         tuner = tune.Tuner.restore(str(spec.dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
         cpus = ray.cluster_resources().get("CPU", 1.0)
-        conc = spec.max_concurrent or concurrency(cpus, peak, spec.trials)
+        conc = spec.max_concurrent or concurrency(cpus, peak, spec.trials, gpus, res.get("GPU", 0.0))
         log(f"[sweep] {spec.trials} trials of {spec.method} ({spec.search}, seed {spec.search_seed}; "
             f"{spec.scheduler}), seeds {spec.seeds}, {conc} at once ({cpus:g} CPUs, {peak:g} per trial) -> {spec.dir}")
         reports = len(cfg.data.order) * len(spec.seeds)

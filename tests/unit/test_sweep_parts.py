@@ -17,7 +17,14 @@ from safeanchor.methods import METHODS
 from safeanchor.pipeline.config import load_run_config
 from safeanchor.pipeline.sequential import summarize
 from safeanchor.sweep import report
-from safeanchor.sweep.driver import SweepSpec, check_seeds, check_space, concurrency, trial_cpus
+from safeanchor.sweep.driver import (
+    SweepSpec,
+    check_seeds,
+    check_space,
+    concurrency,
+    trial_cpus,
+    trial_resources,
+)
 from safeanchor.sweep.objective import (
     ObjectiveConfig,
     mean_over_seeds,
@@ -247,6 +254,12 @@ def test_concurrency_from_resources():
     ray_cfg = load_run_config(TINY, ["cluster.executor=ray", "cluster.num_workers=2", "cluster.ssi_workers=1"])
     assert trial_cpus(ray_cfg) == (1.0, 3.0)  # the trial process + 2 Train workers
     assert concurrency(8, 3.0, 10) == 2 and concurrency(8, 1.0, 3) == 3 and concurrency(1, 3.0, 5) == 1
+    # in-process training on a GPU cluster: each trial holds a GPU, GPUs bound concurrency
+    assert trial_resources(local, 0) == {"CPU": 2.0}
+    assert trial_resources(local, 4) == {"CPU": 2.0, "GPU": 1.0}
+    assert trial_resources(load_run_config(TINY, ["cluster.use_gpu=false"]), 4) == {"CPU": 1.0}
+    assert trial_resources(ray_cfg, 4) == {"CPU": 1.0}  # Train workers reserve their own GPUs
+    assert concurrency(16, 2.0, 10, cluster_gpus=2, trial_gpus=1.0) == 2
 
 
 def _sweep_main():
