@@ -10,7 +10,6 @@ cached safetensors directory; see `safeanchor.models_gguf`). The same loading co
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,11 +115,7 @@ def add_lora(model, cfg: LoraConfig, seed: int):
         target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM",
     )
     try:
-        with warnings.catch_warnings():
-            # transformers 5 deprecates the attribute peft reads here; printed once per process
-            # (driver, every Train worker and SSI task) it says nothing a user can act on.
-            warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, pcfg)
+        return get_peft_model(model, pcfg)
     except ValueError as e:
         raise ConfigError("lora.target_modules", str(e).splitlines()[0]) from e
 
