@@ -46,6 +46,7 @@ METRICS_PER_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # what MLflow rejects in param / metric names
 _LOCAL_SCHEMES = ("sqlite", "file", "")  # stores whose artifacts we place under storage/
 _ARTIFACT_SCHEMES = ("s3://", "gs://", "hdfs://")  # storage URIs MLflow writes artifacts to itself
+RUN_KEY_TAG = "safeanchor.run"  # the parent run's tag naming its pipeline run (resume finds it)
 
 
 @dataclass
@@ -178,7 +179,8 @@ class NullTracker:
     run_id: str | None = None
     tracking_uri: str | None = None
 
-    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None) -> None:
+    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None,
+              key: str | None = None, resume: bool = False) -> None:
         pass
 
     @contextlib.contextmanager
@@ -267,13 +269,36 @@ class Tracker:
         return exp.experiment_id
 
     # -- runs ---------------------------------------------------------------------------
-    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None) -> None:
-        """Open the parent run; `params` is a nested or flat dict (flattened to dotted keys)."""
+    def _find(self, **tags: str) -> str | None:
+        """The newest run of the experiment whose tags have these values (None: no such run)."""
+        cond = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=cond, max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None,
+              key: str | None = None, resume: bool = False) -> None:
+        """Open the parent run; `params` is a nested or flat dict (flattened to dotted keys).
+
+        `key` identifies the pipeline run (its run directory), stored as the tag
+        `safeanchor.run`; with `resume`, the parent run of that key is reopened (status RUNNING,
+        params as logged the first time) instead of a new one, so an interrupted pipeline run
+        stays one MLflow run.
+        """
         from mlflow.entities import Param
 
         tags = {k: str(v) for k, v in (tags or {}).items()}
         if self.cfg.parent_run_id:
             tags["mlflow.parentRunId"] = self.cfg.parent_run_id
+        if key is not None:
+            tags[RUN_KEY_TAG] = key
+            if resume:
+                self.run_id = self._find(**{RUN_KEY_TAG: key})
+                if self.run_id is not None:
+                    self.client.update_run(self.run_id, status="RUNNING")
+                    for k, v in tags.items():
+                        self.client.set_tag(self.run_id, k, v)
+                    return
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         flat = flatten(params)
@@ -285,10 +310,15 @@ class Tracker:
     def domain(self, step: int, domain: str) -> Iterator[None]:
         """A nested child run ``step<t>-<domain>`` for the duration of the block."""
         assert self.run_id is not None, "start() first"
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"step{step}-{domain}",
-            tags={"mlflow.parentRunId": self.run_id, "step": str(step), "domain": domain})
-        self.child_id = run.info.run_id
+        # a resumed parent run already has this domain's child when an earlier execution got there
+        self.child_id = self._find(**{"mlflow.parentRunId": self.run_id, "step": str(step)})
+        if self.child_id is None:
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"step{step}-{domain}",
+                tags={"mlflow.parentRunId": self.run_id, "step": str(step), "domain": domain})
+            self.child_id = run.info.run_id
+        else:
+            self.client.update_run(self.child_id, status="RUNNING")
         status = "FAILED"
         try:
             yield

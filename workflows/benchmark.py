@@ -84,15 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     proj_hooks = proj.phase_hooks(ctx, "domain")
 
     from safeanchor.data import ExampleBatches, encode_dataset
-    from safeanchor.train.loop import cycle_batches, run_steps, train_examples
+    from safeanchor.train.loop import TorchStepEngine, batches_from, run_loop, train_examples
 
     feats = encode_dataset(run.tokenizer, ctx.domain_train, cfg.train.max_length)
     batcher = ExampleBatches(feats, cfg.train.batch_size, cfg.seed, run.tokenizer.pad_token_id)
-    batches = cycle_batches(batcher.epoch)
+    batches = batches_from(batcher.epoch, len(batcher), 0)
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def timed(hooks) -> float:
-        stats = run_steps(model, batches, args.steps, cfg.train, hooks=hooks, log=None, tag="bench")
+        engine = TorchStepEngine(model, cfg.train, args.steps)  # what train_examples runs on
+        stats = run_loop(engine, batches, args.steps, cfg.train, hooks, log=None, tag="bench")
         with torch.no_grad():  # same starting point for every variant
             for n, p in model.named_parameters():
                 if n in state:
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class PerTensor:
-    """The same step hooks without `transform_grads`: run_steps then projects each tensor in a
+    """The same step hooks without `transform_grads`: the loop then projects each tensor in a
     gradient hook during backward (the DeepSpeed engine's form) instead of one batched pass."""
 
     def __init__(self, hooks) -> None:

@@ -1,9 +1,10 @@
 """Distributed execution: training phases on Ray Train + DeepSpeed, SSI on Ray tasks.
 
 - `ClusterConfig` / `DeepSpeedConfig` (config.py): the `cluster:` section of a run.
-- `fit_phase(PhaseJob, ClusterConfig, storage_path)` (trainer.py): one training phase; every
-  worker builds its `PhaseSetup` from an importable builder (the contract is in trainer.py).
-- `run_loop` (engine.py): the per-rank step loop that mirrors `safeanchor.train.loop.run_steps`.
+- `fit_phase(PhaseSpec, ClusterConfig, storage_path)` (trainer.py): one training phase, a
+  `safeanchor.train.phase.PhaseSpec` in, a `PhaseResult` out; every worker builds from the spec.
+- `DeepSpeedStepEngine` (engine.py): the engine behind the one step loop
+  (`safeanchor.train.loop.run_loop`) on a Train worker.
 - `identify_subspaces(SSIJob, ClusterConfig, ...)` (ssi.py): safety subspaces from sharded
   per-example gradients, merged per block of tensors.
 
@@ -11,6 +12,6 @@ Ray and DeepSpeed are imported lazily, inside the functions that use them.
 """
 
 from safeanchor.distributed.config import ClusterConfig, DeepSpeedConfig
-from safeanchor.distributed.trainer import PhaseJob, PhaseSetup, fit_phase, run_phase
+from safeanchor.distributed.trainer import fit_phase, run_phase
 
-__all__ = ["ClusterConfig", "DeepSpeedConfig", "PhaseJob", "PhaseSetup", "fit_phase", "run_phase"]
+__all__ = ["ClusterConfig", "DeepSpeedConfig", "fit_phase", "run_phase"]

@@ -12,9 +12,8 @@ the eigenpairs of F = GᵀG / N that `fisher_subspace` computes from the whole G
 (nor U_s, which the Fisher does not need); one merge task per block of tensors runs the second
 SVD and the rank selection (`select_rank`: ρ, k_max, k_fixed) for its tensors, in parallel.
 
-Every shard task builds the model with the same builder contract as training phases
-(`builder(args)` -> an object with .model, the peft model at θ_{t-1}, and .tokenizer; a
-`PhaseSetup` works, its other fields are unused).
+Every shard task loads the model from the job's data (`ModelSpec` + the adapter's bytes: the
+peft model at θ_{t-1}), as a training worker does (`safeanchor.train.phase`).
 """
 
 from __future__ import annotations
@@ -27,16 +26,18 @@ import torch
 
 from safeanchor.config import ConfigError
 from safeanchor.distributed.config import ClusterConfig
-from safeanchor.distributed.trainer import ensure_ray, load_builder, resolve_use_gpu
+from safeanchor.distributed.trainer import ensure_ray, resolve_use_gpu
 from safeanchor.subspace.fisher import Subspace, safety_gradients, safety_subspaces, select_rank
+from safeanchor.train.phase import ModelSpec, load_peft_model
 
 
 @dataclass
 class SSIJob:
-    """What SSI needs: the model (by builder, as for a phase) and the calibration examples."""
+    """What SSI needs: the model (by reference + adapter bytes, as for a phase) and the
+    calibration examples."""
 
-    builder: str  # "pkg.module:function" -> object with .model and .tokenizer
-    args: Any  # picklable
+    model: ModelSpec
+    adapter: bytes  # the adapter "default" at θ_{t-1} (safetensors)
     examples: list  # list[ChatExample]: safe responses (the calibration set)
     max_length: int = 96  # tokens per example (prompt + response), truncated on the right
     chunk: int = 16  # examples per vmap chunk of the per-example gradients
@@ -110,19 +111,21 @@ def merge_block(parts: list[dict[str, Any]], rho: float | None, k_max: int, k_fi
 
 
 def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k_max: int,
-                       k_fixed: int | None = None, eps: float = 0.0,
+                       k_fixed: int | None = None, eps: float = 0.0, model: Any = None, tokenizer: Any = None,
                        log: Callable[[str], None] | None = None) -> dict[str, Subspace]:
-    """name -> Subspace for every LoRA tensor, in the model's parameter order.
+    """name -> Subspace for every LoRA tensor, in the model's parameter order. The one place
+    that chooses where SSI runs:
 
     executor ray: `cluster.ssi_workers` shard tasks, then `cluster.ssi_blocks` merge tasks;
-    executor local: `safety_subspaces` (`fisher_subspace` on the whole gradient matrix) in this process.
+    executor local: `safety_subspaces` (`fisher_subspace` on the whole gradient matrix) in this
+    process, on `model` / `tokenizer` when given (the live model at θ_{t-1}), else loaded from the job.
     """
     if not job.examples:
         raise ConfigError("data.safety_calib", "SSI needs at least one calibration example")
-    builder = load_builder(job.builder)
     if cluster.executor == "local":
-        setup = builder(job.args)
-        return safety_subspaces(setup.model, setup.tokenizer, job.examples, job.max_length, rho, k_max, k_fixed,
+        if model is None:
+            model, tokenizer = load_peft_model(job.model, job.adapter)
+        return safety_subspaces(model, tokenizer, job.examples, job.max_length, rho, k_max, k_fixed,
                                 chunk=job.chunk, eps=eps)
 
     import ray
@@ -154,9 +157,9 @@ def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k
 
 def _shard_task(job: SSIJob, examples: list, blocks: int, threads: int, use_gpu: bool) -> Any:
     torch.set_num_threads(threads)
-    setup = load_builder(job.builder)(job.args)
-    model = setup.model.to("cuda") if use_gpu else setup.model
-    parts = shard_factors(model, setup.tokenizer, examples, job.max_length, job.chunk, blocks)
+    model, tokenizer = load_peft_model(job.model, job.adapter)
+    model = model.to("cuda") if use_gpu else model
+    parts = shard_factors(model, tokenizer, examples, job.max_length, job.chunk, blocks)
     parts += [{"N": len(examples), "order": parts[0]["order"], "tensors": {}}] * (blocks - len(parts))
     return tuple(parts) if blocks > 1 else parts[0]
 

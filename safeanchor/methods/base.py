@@ -31,9 +31,9 @@ A train phase, in whatever process runs it (the driver, or every Ray Train worke
                        Optional `hooks.transform_grads(grads)`: the same map on every
                        gradient at once, in place; the single-process loop uses it after
                        backward instead (SafeAnchor batches same-size tensors there)
-               hooks.after_backward(model, batch)  a GLOBAL transformation of the full, reduced
-                       gradient (p.grad of every trainable tensor); engines that shard
-                       gradients (ZeRO >= 1) refuse methods with `needs_full_grad = True`
+               hooks.after_backward(model, batch, grads)  a GLOBAL transformation of the full,
+                       reduced gradient, through `grads.get()` / `grads.set(...)` (p.grad in
+                       one process; DeepSpeed's full-gradient API under ZeRO >= 1)
                clip ; optimizer step
     after the phase: in-process, the hooks have updated the method itself (hooks objects keep
     their counters ON the method); on Ray Train, rank 0's method.state_dict() replaces the
@@ -84,7 +84,7 @@ class Context:
 
     model: Any  # peft model with the persistent adapter ("default")
     tokenizer: Any
-    run_cfg: Any  # the resolved RunConfig
+    run_cfg: Any  # the resolved RunConfig (None in a training worker: see `phase_hooks`)
     domain: str = ""
     step: int = 0  # 1-based index of the current domain (0 during setup)
     safety_calib: list[ChatExample] = field(default_factory=list)  # safe responses (SSI, anchor, replay)
@@ -101,6 +101,19 @@ class Context:
     fisher_subspaces: Callable[..., dict] | None = None
     log: Callable[[str], None] = print
     state: dict[str, Any] = field(default_factory=dict)  # pipeline-level facts (e.g. s_0)
+    seed: int | None = None  # the run seed (default: run_cfg.seed)
+    max_length: int | None = None  # tokens per example (default: run_cfg.train.max_length)
+
+    def __post_init__(self) -> None:
+        if self.seed is None and self.run_cfg is not None:
+            self.seed = self.run_cfg.seed
+        if self.max_length is None and self.run_cfg is not None:
+            self.max_length = self.run_cfg.train.max_length
+
+
+def trainable_device(model: torch.nn.Module) -> torch.device:
+    """Where the trainable tensors live: the device a method's per-phase caches go to."""
+    return next(p for p in model.parameters() if p.requires_grad).device
 
 
 class Method:
@@ -110,7 +123,6 @@ class Method:
     """
 
     name = "base"
-    needs_full_grad = False  # True if after_backward needs the full reduced gradient
     in_process_phases: tuple[str, ...] = ()  # phases that cannot run on a DeepSpeed engine
 
     # ---- run and domain level (driver) ---------------------------------------------------
@@ -157,8 +169,9 @@ class Method:
         """Linear per-tensor map of a trainable tensor's local gradient (None: unchanged)."""
         return None
 
-    def after_backward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
-        """Global transformation of the full gradient (set needs_full_grad = True)."""
+    def after_backward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], grads: Any = None) -> None:
+        """Global transformation of the full reduced gradient, read and written through `grads`
+        (`safeanchor.train.loop.FullGrads`; None: p.grad of the model, one process)."""
 
     # ---- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -134,7 +134,7 @@ class Ewc(Method):
         k = self.cfg.fisher_samples
         if k is not None and len(examples) > k:
             # str seeds are hashed with sha512 by `random`: stable across processes
-            return random.Random(f"ewc:{tag}:{ctx.run_cfg.seed}:{ctx.step}").sample(examples, k)
+            return random.Random(f"ewc:{tag}:{ctx.seed}:{ctx.step}").sample(examples, k)
         return list(examples)
 
     def refresh(self, ctx: Context, examples: list[ChatExample], tag: str) -> dict[str, Any]:
@@ -144,7 +144,7 @@ class Ewc(Method):
             raise ValueError(f"{key}: no examples to estimate the EWC Fisher on")
         t0 = time.perf_counter()
         ex = self._sample(ctx, examples, tag)
-        new = diagonal_fisher(ctx.model, ctx.tokenizer, ex, ctx.run_cfg.train.max_length, self.cfg.grad_chunk)
+        new = diagonal_fisher(ctx.model, ctx.tokenizer, ex, ctx.max_length, self.cfg.grad_chunk)
         g = self.cfg.online_gamma
         self.fisher = {n: (g * self.fisher[n].to(f) + f) if n in self.fisher else f for n, f in new.items()}
         self.anchor = {n: p.detach().float().clone() for n, p in lora_parameters(ctx.model).items()}

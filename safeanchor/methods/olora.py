@@ -86,7 +86,7 @@ class OLora(Method):
             return
         self.frozen[name] = freeze_copy(ctx.model, name)
         set_active(ctx.model, list(self.frozen))
-        reinit_adapter(ctx.model, seed=ctx.run_cfg.seed * 1000 + ctx.step)
+        reinit_adapter(ctx.model, seed=ctx.seed * 1000 + ctx.step)
         self.orth_last = None
         ctx.log(f"  [olora] froze the previous domain's adapter as {name}; {len(self.frozen)} frozen, "
                 f"'{TRAINABLE}' re-initialised for {ctx.domain}")

@@ -26,7 +26,14 @@ import torch
 
 from safeanchor.config import ConfigError, check
 from safeanchor.data import collate, encode_dataset
-from safeanchor.methods.base import Context, Gate, Method, TrainPhase, register_method
+from safeanchor.methods.base import (
+    Context,
+    Gate,
+    Method,
+    TrainPhase,
+    register_method,
+    trainable_device,
+)
 from safeanchor.models import lora_parameters
 from safeanchor.subspace.anchor import anchor_kl, cached_reference
 from safeanchor.subspace.fisher import (
@@ -137,15 +144,15 @@ class SafeAnchor(Method):
         if not ex:
             raise ValueError("data.safety_calib: empty calibration set (SafeAnchor needs safe responses)")
         if self.cfg.calib_size and len(ex) > self.cfg.calib_size:
-            ex = random.Random(ctx.run_cfg.seed).sample(ex, self.cfg.calib_size)
+            ex = random.Random(ctx.seed).sample(ex, self.cfg.calib_size)
         return ex
 
     def identify(self, ctx: Context) -> dict[str, Subspace]:
         """Fresh per-tensor subspaces at the current model (no merge)."""
         if ctx.fisher_subspaces is not None:  # the pipeline's service (Ray tasks or in-process)
             return ctx.fisher_subspaces(self._calib_examples(ctx), self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed,
-                                        self.cfg.grad_chunk, ctx.run_cfg.train.max_length)
-        return safety_subspaces(ctx.model, ctx.tokenizer, self._calib_examples(ctx), ctx.run_cfg.train.max_length,
+                                        self.cfg.grad_chunk, ctx.max_length)
+        return safety_subspaces(ctx.model, ctx.tokenizer, self._calib_examples(ctx), ctx.max_length,
                                 self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed, chunk=self.cfg.grad_chunk)
 
     def _build_projection(self, model) -> None:
@@ -215,11 +222,13 @@ class SafeAnchor(Method):
                 found = sorted({str(e.meta.get("kind")) for e in ctx.safety_calib})
                 raise ConfigError("methods.safeanchor.anchor_kinds",
                                   f"no calibration example has a meta 'kind' in {kinds} (kinds present: {found})")
-        feats = encode_dataset(ctx.tokenizer, examples, ctx.run_cfg.train.max_length)
+        feats = encode_dataset(ctx.tokenizer, examples, ctx.max_length)
         order = list(range(len(feats)))
-        random.Random(ctx.run_cfg.seed).shuffle(order)
+        random.Random(ctx.seed).shuffle(order)
         pad = ctx.tokenizer.pad_token_id
-        return [collate([feats[i] for i in order[s : s + size]], pad) for s in range(0, len(order), size)]
+        device = trainable_device(ctx.model)
+        return [{k: v.to(device) for k, v in collate([feats[i] for i in order[s : s + size]], pad).items()}
+                for s in range(0, len(order), size)]
 
     def before_domain(self, ctx: Context) -> None:
         t0 = time.perf_counter()
@@ -255,8 +264,10 @@ class SafeAnchor(Method):
             ctx.run_dir.write_bytes(f"subspaces/step{ctx.step}-{ctx.domain}.safetensors", self.subspace_bytes())
 
     def phase_hooks(self, ctx: Context, phase: str) -> Any:
-        """Per-process caches: projection (V, α) per tensor; anchor reference of θ_{t−1}
-        (the model as the domain phase starts); safety batches for replay."""
+        """Per-process caches, built from ctx.model as the engine left it (device, dtype):
+        projection (V, α) per tensor; anchor batches and the reference log-probs of θ_{t−1}
+        (the model as the domain phase starts; float32 like the log-probs they are compared
+        with); safety batches for replay."""
         self._build_projection(ctx.model)
         if phase == "domain":
             self._anchor_batches, self._anchor_ref = [], []
@@ -303,7 +314,7 @@ class SafeAnchor(Method):
         task = random.Random(ctx.step * 7919 + rec["rounds"]).choices(ctx.domain_train, k=n)
         tcfg = replace(ctx.run_cfg.train, lr=self.cfg.replay_lr, batch_size=self.cfg.replay_batch,
                        epochs=1.0, max_steps=self.cfg.replay_steps, warmup_ratio=0.0, schedule="constant")
-        phase = TrainPhase(task, tcfg, ctx.run_cfg.seed * 1000 + ctx.step * 10 + rec["rounds"],
+        phase = TrainPhase(task, tcfg, ctx.seed * 1000 + ctx.step * 10 + rec["rounds"],
                            f"replay {rec['rounds']}", hooks="replay")
         return Gate({**decision, "replay": True}, phase)
 

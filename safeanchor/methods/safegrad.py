@@ -32,9 +32,11 @@ loss. SafeGrad's code is not public; every choice made here:
   tensor without a task gradient counts as g_u = 0 and receives −c·g_a if there is a conflict.
   Dot products and norms are accumulated in float64.
 - When ‖g_a‖² ≤ eps the step is left alone (counted as `skipped`).
-- Data parallel: the surgery needs the FULL reduced gradient (needs_full_grad = True, so
-  engines that shard gradients refuse it). Every rank cycles the same alignment batches with the
-  same counter, so every rank computes the same g_a and applies the same correction.
+- Data parallel: the surgery needs the FULL reduced gradient, which the loop hands to
+  after_backward (`FullGrads`: p.grad under ZeRO-0, DeepSpeed's safe_get_full_grad /
+  safe_set_full_grad under ZeRO >= 1). Every rank cycles the same alignment batches with the
+  same counter, so every rank computes the same g_a and applies the same correction (and
+  writes its own partition of it).
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ import torch.nn.functional as F
 
 from safeanchor.config import check
 from safeanchor.data import collate, encode_dataset
-from safeanchor.methods.base import Context, Method, register_method
+from safeanchor.methods.base import Context, Method, register_method, trainable_device
 from safeanchor.models import lora_parameters
 from safeanchor.subspace.anchor import shifted
+from safeanchor.train.loop import FullGrads
 
 COUNTERS = ("steps", "conflicts", "skipped")
 
@@ -140,8 +143,6 @@ def project_conflict(gu: list[torch.Tensor | None], ga: list[torch.Tensor | None
 
 @register_method("safegrad", SafeGradConfig)
 class SafeGrad(Method):
-    needs_full_grad = True
-
     def __init__(self, cfg: SafeGradConfig) -> None:
         self.cfg = cfg
         self.counters = {k: 0 for k in COUNTERS}
@@ -155,12 +156,12 @@ class SafeGrad(Method):
         ex = list(ctx.safety_calib)
         if not ex:
             raise ValueError("data.safety_calib: empty calibration set (safegrad needs alignment examples)")
-        rng = random.Random(f"safegrad:{ctx.run_cfg.seed}")
+        rng = random.Random(f"safegrad:{ctx.seed}")
         if self.cfg.align_size is not None and len(ex) > self.cfg.align_size:
             ex = rng.sample(ex, self.cfg.align_size)
-        feats = encode_dataset(ctx.tokenizer, ex, ctx.run_cfg.train.max_length)
+        feats = encode_dataset(ctx.tokenizer, ex, ctx.max_length)
         rng.shuffle(feats)
-        device = next(p for p in ctx.model.parameters() if p.requires_grad).device
+        device = trainable_device(ctx.model)
         pad = ctx.tokenizer.pad_token_id
         self.batches = [{k: v.to(device) for k, v in collate(feats[s : s + self.cfg.align_batch], pad).items()}
                         for s in range(0, len(feats), self.cfg.align_batch)]
@@ -194,19 +195,14 @@ class SafeGrad(Method):
         finally:
             model.train(was_training)
 
-    def after_backward(self, model, batch) -> None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        ga = self.alignment_gradient(model, self.next_batch(), params)
-        new, facts = project_conflict([p.grad for p in params], ga, self.cfg.eps)
+    def after_backward(self, model, batch, grads: FullGrads | None = None) -> None:
+        """The surgery on the full reduced gradient (`grads`; default: p.grad in one process)."""
+        grads = grads if grads is not None else FullGrads.of(model)
+        ga = self.alignment_gradient(model, self.next_batch(), grads.params)
+        new, facts = project_conflict(grads.get(), ga, self.cfg.eps)
         if facts["conflict"]:
             with torch.no_grad():
-                for p, g in zip(params, new, strict=True):
-                    if g is None:
-                        continue
-                    if p.grad is None:
-                        p.grad = g
-                    else:
-                        p.grad.copy_(g)
+                grads.set(new)
         self.counters["steps"] += 1
         self.counters["conflicts"] += int(facts["conflict"])
         self.counters["skipped"] += int(facts["skipped"])

@@ -152,9 +152,6 @@ class VaccineStep:
     def transform_grad(self, name: str, grad: torch.Tensor) -> None:
         return None
 
-    def after_backward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
-        pass
-
     def close(self) -> None:
         for h in self.handles:
             h.remove()
@@ -188,7 +185,7 @@ class Vaccine(Method):
         if not ex:
             raise ConfigError("data.safety_calib", "Vaccine re-aligns on the safety calibration set, which is empty")
         if self.cfg.calib_size and len(ex) > self.cfg.calib_size:
-            ex = random.Random(ctx.run_cfg.seed).sample(ex, self.cfg.calib_size)
+            ex = random.Random(ctx.seed).sample(ex, self.cfg.calib_size)
         return ex
 
     def train_config(self, ctx: Context):
@@ -209,7 +206,7 @@ class Vaccine(Method):
         examples = self._examples(ctx)
         ctx.log(f"  [vaccine] perturbation-aware re-alignment on {len(examples)} examples "
                 f"(rho {self.cfg.rho}, at each {self.cfg.perturb} output)")
-        stats = ctx.train(TrainPhase(examples=examples, cfg=self.train_config(ctx), seed=ctx.run_cfg.seed,
+        stats = ctx.train(TrainPhase(examples=examples, cfg=self.train_config(ctx), seed=ctx.seed,
                                      tag="vaccine", hooks="vaccine"))
         # The "vaccine" phase always trains in this process (in_process_phases): its hooks' counters
         # (steps, mean ‖∂L/∂h‖, loss gap of the perturbed pass) go into the record here.
@@ -220,7 +217,7 @@ class Vaccine(Method):
         if self.cfg.fresh_adapter:
             self.frozen = {FROZEN: adapter_weights(ctx.model, "default")}
             restore_frozen(ctx.model, self.frozen)
-            reinit_adapter(ctx.model, seed=ctx.run_cfg.seed * 1000 + 999)
+            reinit_adapter(ctx.model, seed=ctx.seed * 1000 + 999)
         self.aligned = True
         self.record.update({"examples": len(examples), **{f"train_{k}": v for k, v in (stats or {}).items()
                                                           if isinstance(v, (int, float))}})

@@ -12,7 +12,6 @@ import json
 import math
 import random
 import time
-import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +35,7 @@ from safeanchor.pipeline.store import (
 from safeanchor.storage import RunDir
 from safeanchor.tracking import default_tracking_uri, make_tracker, numeric_scalars
 from safeanchor.train.loop import TrainConfig, train_examples
+from safeanchor.train.phase import ModelSpec, PhaseContext, PhaseSpec, safe_name
 
 CORE_METRICS = ("safety", "over_refusal", "helpful", "general")
 
@@ -125,7 +125,7 @@ class PreparedRun:
     """Everything a run needs, loaded and validated; the run directory exists."""
 
     cfg: RunConfig
-    run_dir: RunDir | None  # None in a training worker
+    run_dir: RunDir
     tokenizer: Any
     suite: EvalSuite
     judge: Any
@@ -133,6 +133,7 @@ class PreparedRun:
     ctx: Context
     domain_train: dict[str, list[ChatExample]]
     extras: list[str]  # stems of the extra harmful files
+    model_spec: ModelSpec  # how another process loads the same model (training workers, SSI tasks)
 
 
 def open_storage(cfg: RunConfig, storage: RunDir | None = None) -> RunDir:
@@ -141,29 +142,22 @@ def open_storage(cfg: RunConfig, storage: RunDir | None = None) -> RunDir:
     return storage if storage is not None else RunDir.open(cfg.storage)
 
 
-def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = False,
-                storage: RunDir | None = None) -> PreparedRun:
+def prepare_run(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir | None = None) -> PreparedRun:
     """Validate inputs, build/load the toy world if referenced, load data, model and adapter.
 
-    storage: the storage root (default: cfg.storage through pyarrow.fs).
-    worker=True: in a training worker (safeanchor.pipeline.remote): the same loading, but the
-    run directory is neither checked nor written."""
+    storage: the storage root (default: cfg.storage through pyarrow.fs)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Cheap validation first: bad files or options fail before anything is built or written.
-    # a worker only trains: it neither opens the storage (no s3:// client per worker) nor writes
-    run_dir = None if worker else open_storage(cfg, storage).sub(cfg.resolved_run_id())
-    if worker:
-        pass
-    elif resume and not run_dir.is_file("config.yaml"):
+    run_dir = open_storage(cfg, storage).sub(cfg.resolved_run_id())
+    if resume and not run_dir.is_file("config.yaml"):
         raise ConfigError("run_id", f"nothing to resume: {run_dir.uri('config.yaml')} does not exist")
     elif not resume and run_dir.exists("steps"):
         raise ConfigError("run_id", f"{run_dir.uri()} already holds a run: continue it with --resume "
                           f"{cfg.resolved_run_id()}, or choose another --run-id / --storage")
-    if not worker:
-        open_storage(cfg, storage).check_writable()  # --storage /proc/nope: one line, before any work
-        if cfg.tracking.enabled:  # e.g. s3:// storage without an MLflow server: fail before any work
-            default_tracking_uri(cfg.tracking, open_storage(cfg, storage))
+    open_storage(cfg, storage).check_writable()  # --storage /proc/nope: one line, before any work
+    if cfg.tracking.enabled:  # e.g. s3:// storage without an MLflow server: fail before any work
+        default_tracking_uri(cfg.tracking, open_storage(cfg, storage))
     extra_h, extra_b = load_extra_files(cfg.eval)
     judge = build_judge(cfg.eval.judge)
     method = build_method(cfg.method, cfg.methods.get(cfg.method))
@@ -204,21 +198,22 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, worker: bool = 
     # --- model + persistent adapter ----------------------------------------------------
     ref = str(aligned.model_dir) if aligned is not None else resolve(cfg.model.name, toy_paths, "model.name")
     tok_ref = cfg.model.tokenizer or (ref if aligned is not None else cfg.model.name)
-    tokenizer = load_tokenizer(resolve(tok_ref, toy_paths, "model.tokenizer"), cfg.model.trust_remote_code)
+    model_spec = ModelSpec(ref, resolve(tok_ref, toy_paths, "model.tokenizer"), cfg.model, cfg.lora, cfg.seed)
+    tokenizer = load_tokenizer(model_spec.tokenizer, cfg.model.trust_remote_code)
     model = add_lora(load_model(ref, cfg.model), cfg.lora, cfg.seed)
     base_ref = resolve(cfg.model.base, toy_paths, "model.base") if cfg.model.base else None
 
-    if not worker:
-        if not resume:
-            run_dir.write_text("config.yaml", dump_yaml(cfg))
-        log(f"[run] {cfg.resolved_run_id()} -> {run_dir.uri()}")
+    if not resume:
+        run_dir.write_text("config.yaml", dump_yaml(cfg))
+    log(f"[run] {cfg.resolved_run_id()} -> {run_dir.uri()}")
 
     ctx = Context(
         model=model, tokenizer=tokenizer, run_cfg=cfg, safety_calib=calib, safety_probe=probe,
         base_model_ref=base_ref, log=log, run_dir=run_dir,
     )
     ctx.probe_safety = lambda: probe_safety(model, tokenizer, probe, judge, cfg.eval)
-    return PreparedRun(cfg, run_dir, tokenizer, suite, judge, method, ctx, domain_train, list(extra_h))
+    return PreparedRun(cfg, run_dir, tokenizer, suite, judge, method, ctx, domain_train, list(extra_h),
+                       model_spec)
 
 
 def run_pipeline(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir | None = None,
@@ -236,7 +231,8 @@ def run_pipeline(cfg: RunConfig, log=print, resume: bool = False, storage: RunDi
     try:
         tracker.start(cfg.resolved_run_id(), to_dict(cfg),
                       tags={"method": cfg.method, "seed": cfg.seed, "order": ",".join(cfg.data.order),
-                            "resumed": resume})
+                            "resumed": resume},
+                      key=run.run_dir.uri(), resume=resume)
         if tracker.run_id:
             log(f"[mlflow] run {tracker.run_id} at {tracker.tracking_uri}")
         summary = Runner(cfg, run, tracker, log, on_domain).run()
@@ -282,7 +278,7 @@ class Runner:
         self.ctx.train = self.train_phase
         self.ctx.fisher_subspaces = self.fisher_subspaces
         self.ray = cfg.cluster.executor == "ray"
-        self.phases = 0
+        self.current: str | None = None  # the step being executed (names its Train runs)
 
     # ---- the step primitive --------------------------------------------------------------
     def step(self, name: str, fn, checkpoint: bool) -> dict[str, Any]:
@@ -293,6 +289,7 @@ class Runner:
             return self.store.record(name)
         self.restore()
         self.store.log_execution(name)
+        self.current = name
         record = fn()
         files = {"record.json": json.dumps(record, default=float).encode()}
         if checkpoint:
@@ -320,37 +317,31 @@ class Runner:
             hooks = self.method.phase_hooks(self.ctx, phase.hooks)
             return train_examples(self.model, self.tok, phase.examples, phase.cfg, phase.seed, hooks, phase.tag,
                                   self.log)
-        from safeanchor.distributed.trainer import PhaseJob, fit_phase
-        from safeanchor.pipeline.remote import phase_job_args
+        from safeanchor.distributed.trainer import fit_phase
 
-        self.phases += 1
-        cluster = self.cfg.cluster
-        if self.method.needs_full_grad and cluster.deepspeed.enabled and cluster.deepspeed.zero_stage is None:
-            # after_backward needs the full reduced gradient: ZeRO >= 1 shards it away
-            cluster = replace(cluster, deepspeed=replace(cluster.deepspeed, zero_stage=0))
-            if self.phases == 1:
-                self.log(f"[ray] method {self.cfg.method} transforms the full gradient: DeepSpeed ZeRO stage 0")
-        job = PhaseJob("safeanchor.pipeline.remote:build_phase", phase_job_args(self.cfg, self.model, self.method, phase))
-        name = f"{self.cfg.resolved_run_id()}-{self.ctx.step:02d}-{phase.hooks}-{self.phases}-{uuid.uuid4().hex[:6]}"
-        out = fit_phase(job, cluster, storage_path=self.run_.run_dir.uri("ray"), name=name, log=self.log,
+        cfg, ctx = self.cfg, self.ctx
+        spec = PhaseSpec(
+            # deterministic: a driver restarted after a kill resumes this Train run by name
+            name=safe_name(f"{cfg.resolved_run_id()}-{self.current}"),
+            model=self.run_.model_spec, adapter=adapter_bytes(self.model),
+            method=cfg.method, options=cfg.methods.get(cfg.method), state=pack_state(self.method.state_dict()),
+            hooks=phase.hooks, examples=list(phase.examples), train=phase.cfg, seed=phase.seed, tag=phase.tag,
+            context=PhaseContext(safety_calib=list(ctx.safety_calib), seed=ctx.seed, max_length=ctx.max_length,
+                                 domain=ctx.domain, step=ctx.step))
+        out = fit_phase(spec, cfg.cluster, storage_path=self.run_.run_dir.uri("ray"), log=self.log,
                         storage_filesystem=self.run_.run_dir.ray_filesystem())
-        load_adapter_bytes(self.model, out["adapter"])
-        self.method.load_state_dict(unpack_state(*out["state"]))
+        load_adapter_bytes(self.model, out.adapter)
+        self.method.load_state_dict(unpack_state(*out.state))
         self.method.attach(self.ctx)
-        return out["stats"]
+        return out.stats
 
     def fisher_subspaces(self, examples, rho, k_max, k_fixed, chunk, max_length) -> dict:
         """SSI at the live model: Ray tasks (shards + per-block merges) or in-process."""
-        if not self.ray:
-            from safeanchor.subspace.fisher import safety_subspaces
-
-            return safety_subspaces(self.model, self.tok, examples, max_length, rho, k_max, k_fixed, chunk=chunk)
         from safeanchor.distributed.ssi import SSIJob, identify_subspaces
-        from safeanchor.pipeline.remote import model_job_args
 
-        job = SSIJob("safeanchor.pipeline.remote:build_model", model_job_args(self.cfg, self.model, self.method),
-                     list(examples), max_length, chunk)
-        return identify_subspaces(job, self.cfg.cluster, rho, k_max, k_fixed, log=self.log)
+        job = SSIJob(self.run_.model_spec, adapter_bytes(self.model), list(examples), max_length, chunk)
+        return identify_subspaces(job, self.cfg.cluster, rho, k_max, k_fixed, model=self.model, tokenizer=self.tok,
+                                  log=self.log)
 
     def eval_step(self, t: int, label: str) -> dict[str, float]:
         """Score every set; what the model said (prompt, generation, verdict, set) goes to
@@ -371,8 +362,8 @@ class Runner:
         # domain (Vaccine's re-alignment) is measured from the model it actually starts from.
         self.step("00-setup", lambda: {"info": method.setup(ctx)}, checkpoint=True)
         history = [self.step("00-eval", lambda: self.eval_step(0, "before any domain"), checkpoint=False)]
-        self.tracker.log_metrics(history[0], step=0)
-        _track_generations(self.tracker, run.run_dir, 0, child=False)
+        # tracking is a durable step too: a resumed run does not log a metric twice
+        self.step("00-track", lambda: _track_eval0(self.tracker, run.run_dir, history[0]) or {}, checkpoint=False)
         steps_info: list[dict[str, Any]] = []
         lines = [json.dumps({"step": 0, **history[0]})]
         for t, d in enumerate(cfg.data.order, start=1):
@@ -407,7 +398,9 @@ class Runner:
                 lines.append(json.dumps({"step": t, "domain": d, **history[-1]}))
                 # the whole file, atomically, after each domain (a resume rebuilds it from the steps)
                 run.run_dir.write_text("metrics.jsonl", "\n".join(lines) + "\n")
-                _track_step(self.tracker, run.run_dir, t, d, history[-1], stats, info, adapter)
+                self.step(f"{prefix}/92-track", lambda t=t, d=d, info=info, stats=stats, adapter=adapter:
+                          _track_step(self.tracker, run.run_dir, t, d, history[-1], stats, info, adapter) or {},
+                          checkpoint=False)
             if self.on_domain is not None:
                 self.on_domain(t, list(history))
         run.run_dir.write_text("metrics.jsonl", "\n".join(lines) + "\n")
@@ -420,6 +413,12 @@ class Runner:
     def _gate(self, r: int) -> dict[str, Any]:
         g = self.method.gate(self.ctx, r)
         return {"record": g.record, "phase": phase_to_json(g.phase) if g.phase is not None else None}
+
+
+def _track_eval0(tracker, run_dir: RunDir, evals: dict[str, float]) -> None:
+    """Step 0's metrics and generations on the parent run."""
+    tracker.log_metrics(evals, step=0)
+    _track_generations(tracker, run_dir, 0, child=False)
 
 
 def _track_step(tracker, run_dir: RunDir, t: int, d: str, evals: dict[str, float], stats: dict,

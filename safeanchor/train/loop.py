@@ -1,23 +1,50 @@
-"""The training step loop shared by pre-training, alignment, domain adaptation and replay.
-
-One loop, with the method's hooks at fixed points (`safeanchor.methods.base` documents them):
+"""The one training step loop: every phase runs through `run_loop` — the toy world's
+pre-training and alignment, the alignment stage, a domain, a replay round, Vaccine's
+re-alignment — in one process (`TorchStepEngine`) or on each rank of Ray Train
+(`safeanchor.distributed.engine.DeepSpeedStepEngine`). The method's hooks sit at fixed points
+(`safeanchor.methods.base` documents them):
 
     extra = hooks.unprojected_loss(model, batch)   # its gradient bypasses the transform
     loss  = hooks.loss(model, batch, task NLL on response tokens)
-    loss.backward()        # g <- transform(g) + ∇extra, per tensor
-    hooks.after_backward(model, batch)             # global transformation (full gradient)
-    clip ; optimizer.step() ; scheduler.step()
+    engine.backward(loss)  # g <- transform(g) + ∇extra, per tensor
+    hooks.after_backward(model, batch, grads)      # global map of the FULL reduced gradient
+    engine.step()          # clip ; optimizer.step() ; scheduler.step() ; zero grads
 
 The transform is `hooks.transform_grad(name, g)`, run as a gradient hook on each trainable
-tensor, i.e. on the local gradient before any data-parallel reduction (the DeepSpeed engine
-needs that). This single-process loop prefers `hooks.transform_grads(grads)` when the hooks
-have it: the same transform on every gradient at once after backward (SafeAnchor batches
-same-size tensors into one matmul there), then ∇extra is added. The loop never knows which
-method runs.
+tensor, i.e. on the LOCAL gradient before any data-parallel reduction (DeepSpeed reduces from
+post-accumulate hooks, after it); a linear map commutes with the average. With one process and a
+plain torch engine (`engine.batched`), the loop prefers `hooks.transform_grads(grads)` when the
+hooks have it: the same map on every gradient at once after backward (SafeAnchor batches
+same-size tensors into one matmul), then ∇extra is added. `grads` (`FullGrads`) reads and writes
+the full, reduced gradient whatever the engine keeps (p.grad in one process; DeepSpeed's
+`safe_get_full_grad` / `safe_set_full_grad` under ZeRO, collectives that every rank enters).
+The loop never knows which method runs.
+
+With W data-parallel ranks (Ray Train):
+
+- Batches: every rank builds the same `ExampleBatches` and takes its share of each global batch
+  (`shard`: rows split as evenly as possible; `train.batch_size % W == 0` is required, so full
+  batches split exactly; a short last batch with fewer rows than ranks leaves a rank one
+  placeholder row whose task loss is multiplied by 0; batch-dependent hook terms still see it).
+- Task loss: the global batch's token-mean NLL is Σ_tokens nll / T (T = response tokens of the
+  GLOBAL batch, known on every rank). Rank r uses L_r = W · Σ_{tokens of r} nll / T, so that the
+  engine's gradient AVERAGE over ranks, (1/W) Σ_r ∇L_r, is exactly ∇ of the single-process loss
+  whatever the token counts per rank (transformers' `num_items_in_batch` = T / W does this).
+  `hooks.loss(model, local_batch, L_r)` gets this rank's share; methods add terms to it (affine
+  in task_loss), and a per-example mean over the local batch averages to the global one because
+  the shares are equal.
+- `hooks.unprojected_loss` gradient: taken on the local batch with torch.autograd.grad, then
+  added in the gradient hooks (before the reduction). For tensors the task loss does not reach,
+  a zero-valued term makes them reached, so the addition still happens before the reduction.
+- Clipping: the engine's (DeepSpeed's `gradient_clipping` is torch's clip_grad_norm_ formula over
+  all ranks' partitions).
+- A non-finite loss on any rank stops every rank at the same step (the flag is all-reduced with
+  the loss that is logged), so no rank is left waiting in a collective.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -72,7 +99,8 @@ class StepHooks(Protocol):
 
     def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None: ...
 
-    def after_backward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None: ...
+    def after_backward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                       grads: FullGrads | None = None) -> None: ...
 
 
 class GradHooks:
@@ -167,74 +195,213 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def cycle_batches(make_epoch: Callable[[int], Iterator[dict]]) -> Iterator[dict]:
-    """Endless batches: epoch 0, 1, 2, ... of a deterministic batcher."""
-    epoch = 0
-    while True:
-        yield from make_epoch(epoch)
-        epoch += 1
 
 
-def run_steps(
-    model: torch.nn.Module,
+class FullGrads:
+    """`after_backward`'s view of the full, reduced gradient of the trainable tensors.
+
+    `get()` returns one tensor (or None: no gradient) per tensor of `params`, in order;
+    `set(values)` writes them back (None entries are skipped). The engine decides where the
+    gradient lives: p.grad in one process and under ZeRO-0; under ZeRO-1/2/3 DeepSpeed keeps
+    it in per-rank partitions and `get` / `set` are collectives that every rank calls in the
+    same order (`deepspeed.utils.safe_get_full_grad` / `safe_set_full_grad`, float32 where
+    DeepSpeed accumulates in float32, e.g. bf16 training).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], engine: Any = None) -> None:
+        self.params = params
+        self.engine = engine
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> FullGrads:
+        """p.grad of the model's trainable tensors (one process, no engine)."""
+        return cls([p for p in model.parameters() if p.requires_grad])
+
+    def get(self) -> list[torch.Tensor | None]:
+        if self.engine is None:
+            return [p.grad for p in self.params]
+        return [self.engine.full_grad(p) for p in self.params]
+
+    def set(self, values: list[torch.Tensor | None]) -> None:
+        for p, g in zip(self.params, values, strict=True):
+            if g is None:
+                continue
+            if self.engine is not None:
+                self.engine.set_full_grad(p, g)
+            elif p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.copy_(g)
+
+
+class TorchStepEngine:
+    """One process, plain torch: AdamW, `make_scheduler`'s LambdaLR, torch's grad-norm clip.
+
+    `batched`: p.grad holds the whole gradient after backward, so the loop may transform every
+    gradient at once (`hooks.transform_grads`) instead of per-tensor hooks.
+    """
+
+    batched = True
+    stage = None
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, steps: int, device: torch.device | None = None) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.device = torch.device(device) if device is not None else self.params[0].device
+        self.module = model.to(self.device)
+        self.cfg = cfg
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = make_scheduler(self.opt, cfg, steps)
+
+    def forward(self, **kw: Any) -> Any:
+        return self.module(**kw)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def full_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        return p.grad
+
+    def set_full_grad(self, p: torch.nn.Parameter, g: torch.Tensor) -> None:
+        if p.grad is None:
+            p.grad = g.detach().to(p.dtype).clone()
+        else:
+            p.grad.copy_(g)
+
+
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """Rank `rank`'s rows of a global batch (as even as possible); (placeholder row, False) if none."""
+    if world == 1:
+        return batch, True
+    n = batch["input_ids"].shape[0]
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    hi = lo + base + (1 if rank < extra else 0)
+    if hi == lo:  # a short last batch with fewer rows than ranks: one row with zero weight
+        return {k: v[:1] for k, v in batch.items()}, False
+    return {k: v[lo:hi] for k, v in batch.items()}, True
+
+
+def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the causal-LM loss averages over: labels[:, 1:] != -100 (transformers' shift)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def batches_from(make_epoch: Callable[[int], Iterator[dict]], per_epoch: int, start_step: int) -> Iterator[dict]:
+    """Endless batches of a deterministic batcher (epoch 0, 1, ...) from global step `start_step`
+    (skipped epochs are not collated)."""
+    epoch, skip = divmod(start_step, per_epoch)
+
+    def gen() -> Iterator[dict]:
+        e = epoch
+        yield from itertools.islice(make_epoch(e), skip, None)
+        while True:
+            e += 1
+            yield from make_epoch(e)
+
+    return gen()
+
+
+def run_loop(
+    engine: Any,
     batches: Iterator[dict[str, torch.Tensor]],
     steps: int,
     cfg: TrainConfig,
-    hooks: StepHooks | None = None,
+    hooks: StepHooks | None,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    start_step: int = 0,
+    losses: list[float] | None = None,
+    on_step: Callable[[int, list[float]], None] | None = None,
     log: Callable[[str], None] | None = print,
     tag: str = "train",
 ) -> dict[str, Any]:
-    """Run `steps` optimizer steps over `batches` on the trainable parameters of `model`.
+    """Steps start_step..steps-1 of a phase; `batches` yields the GLOBAL batches from start_step.
 
-    Returns stats: mean loss of the first / last 10% of steps, wall time, time per step.
+    `on_step(done, losses)` runs after each optimizer step (checkpoints). Returns stats: mean
+    task loss of the first / last 10% of the phase's steps (resumed ones included), wall time,
+    time per step, world size, the step it resumed from.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{tag}: the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = make_scheduler(opt, cfg, steps)
+    import torch.distributed as dist
+
+    losses = list(losses or [])
+    model = engine.module
     model.train()
-    losses: list[float] = []
+    grads = FullGrads(engine.params, engine)
+    batched = engine.batched and world == 1
     t0 = time.perf_counter()
-    with GradHooks(model, hooks, batched=True) as gh:
-        for step in range(steps):
-            batch = next(batches)
+    with GradHooks(model, hooks, batched=batched) as gh:
+        for step in range(start_step, steps):
+            gbatch = next(batches)
+            batch, real = shard(gbatch, rank, world)
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
             gh.prepare(model, batch)
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            loss = out.loss
-            if hooks is not None:
-                loss = hooks.loss(model, batch, loss)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"{tag}: non-finite loss {loss.item()} at step {step}; stopping")
-            loss.backward()
-            gh.finish()
+            kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+            if world > 1:  # this rank's share of the global token mean (module docstring)
+                kw["num_items_in_batch"] = torch.tensor(response_tokens(gbatch) / world, device=engine.device)
+            out = engine.forward(**kw)
+            task = out.loss if real else out.loss * 0.0
+            loss = hooks.loss(model, batch, task) if hooks is not None else task
+            finite = bool(torch.isfinite(loss))
+            if world > 1:
+                red = torch.tensor([float(task.detach()), 0.0 if finite else 1.0], dtype=torch.float64,
+                                   device=engine.device)
+                dist.all_reduce(red)
+                task_value, finite = float(red[0]) / world, red[1].item() == 0.0
+            else:
+                task_value = float(task.detach())
+            if not finite:
+                raise NonFiniteLoss(f"{tag}: non-finite loss at step {step}; stopping")
+            if gh.extra and not batched:
+                # zero-valued use of every tensor with an unprojected gradient: its hook then adds
+                # that gradient before the reduction, even where the task loss does not reach it
+                named = dict(gh.named)
+                loss = loss + sum((named[n] * 0.0).sum() for n in gh.extra)
+            engine.backward(loss)
+            if batched:
+                gh.finish()
+            elif gh.extra:
+                raise RuntimeError(f"{tag}: unprojected gradients of {sorted(gh.extra)} were not applied")
             after = getattr(hooks, "after_backward", None)  # optional, like the other hooks
             if after is not None:
-                after(model, batch)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(out.loss.detach()))
-            _progress(log, cfg, tag, step, steps, losses, sched, t0)
+                gh.active = False  # its own autograd.grad calls must not run the transform
+                try:
+                    after(model, batch, grads)
+                finally:
+                    gh.active = True
+            engine.step()
+            losses.append(task_value)
+            if log is not None and rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
+                recent = losses[-cfg.log_every:]
+                log(f"  [{tag}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
+                    f"lr {engine.lr():.2e} ({time.perf_counter() - t0:.0f}s)")
+            if on_step is not None:
+                on_step(step + 1, losses)
     model.eval()
     wall = time.perf_counter() - t0
     k = max(1, steps // 10)
+    done = max(1, steps - start_step)
     return {
         "steps": steps,
         "loss_first": sum(losses[:k]) / k,
         "loss_last": sum(losses[-k:]) / k,
         "wall_s": wall,
-        "step_s": wall / steps,
+        "step_s": wall / done,
+        "world_size": world,
+        "resumed_from_step": start_step,
     }
-
-
-def _progress(log, cfg: TrainConfig, tag: str, step: int, steps: int, losses: list[float], sched, t0: float) -> None:
-    if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
-        recent = losses[-cfg.log_every :]
-        log(f"  [{tag}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
-            f"lr {sched.get_last_lr()[0]:.2e} ({time.perf_counter() - t0:.0f}s)")
 
 
 def train_examples(
@@ -247,8 +414,13 @@ def train_examples(
     tag: str = "train",
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
-    """Encode chat examples, batch them in a deterministic order from `seed`, and train."""
+    """In this process, on the model's device: encode chat examples, batch them in a
+    deterministic order from `seed`, and run the loop."""
     feats = encode_dataset(tokenizer, examples, cfg.max_length)
     batcher = ExampleBatches(feats, cfg.batch_size, seed, tokenizer.pad_token_id)
     steps = cfg.num_steps(len(batcher))
-    return run_steps(model, cycle_batches(batcher.epoch), steps, cfg, hooks=hooks, log=log, tag=tag)
+    try:
+        engine = TorchStepEngine(model, cfg, steps)
+    except ValueError as e:
+        raise ValueError(f"{tag}: {e}") from None
+    return run_loop(engine, batches_from(batcher.epoch, len(batcher), 0), steps, cfg, hooks, log=log, tag=tag)

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from tiny_phase import make_world, tiny_examples
 
 from safeanchor.data import collate, encode_dataset
 from safeanchor.distributed import ClusterConfig
@@ -23,12 +24,11 @@ from safeanchor.distributed.ssi import (
     shard_bounds,
     shard_factors,
 )
-from safeanchor.distributed.testing import TinyArgs, build_tiny, tiny_examples
 from safeanchor.subspace.fisher import fisher_subspace, safety_gradients
+from safeanchor.train.phase import load_peft_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
-BUILDER = "safeanchor.distributed.testing:build_tiny"
 N_CALIB = 13  # shards of 7 and 6 examples: a per-shard 1/N_s scaling would be caught
 
 
@@ -48,16 +48,21 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
 def calib():
     return tiny_examples(N_CALIB, seed=5)
 
 
 @pytest.fixture(scope="module")
-def full_grads(calib):
+def full_grads(calib, world):
     """name -> (N, n): the single-process per-example gradient matrix."""
-    s = build_tiny(TinyArgs())
-    batch = collate(encode_dataset(s.tokenizer, calib, 96), s.tokenizer.pad_token_id)
-    return {n: g.reshape(N_CALIB, -1) for n, g in safety_gradients(s.model, batch).items()}
+    model, tok = load_peft_model(world.model, world.adapter)
+    batch = collate(encode_dataset(tok, calib, 96), tok.pad_token_id)
+    return {n: g.reshape(N_CALIB, -1) for n, g in safety_gradients(model, batch).items()}
 
 
 def projector_distance(V1: torch.Tensor, V2: torch.Tensor) -> float:
@@ -78,11 +83,11 @@ def assert_same(got: dict, want: dict) -> None:
         assert projector_distance(g.V, w.V) < 1e-4, name
 
 
-def test_shard_sends_factors_not_gradients(full_grads, calib):
+def test_shard_sends_factors_not_gradients(full_grads, calib, world):
     """A shard's (S, Vh) reproduce GᵀG of its examples; Vh has orthonormal rows; the merge of
     the shards' factors equals fisher_subspace of the stacked gradients (in-process)."""
-    s = build_tiny(TinyArgs())
-    parts = [shard_factors(s.model, s.tokenizer, calib[lo:hi], 96, 16, blocks=2)
+    model, tok = load_peft_model(world.model, world.adapter)
+    parts = [shard_factors(model, tok, calib[lo:hi], 96, 16, blocks=2)
              for lo, hi in shard_bounds(N_CALIB, 2)]
     assert [p[0]["N"] for p in parts] == [7, 6] and len(parts[0]) == 2
     name = next(iter(parts[0][0]["tensors"]))
@@ -100,9 +105,9 @@ def test_shard_sends_factors_not_gradients(full_grads, calib):
 
 
 @pytest.mark.parametrize("rho,k_max,k_fixed", [(0.9, 8, None), (None, 64, 13)], ids=["rho0.9", "all13"])
-def test_ray_ssi_equals_fisher_subspace(ray_cluster, full_grads, calib, rho, k_max, k_fixed):
+def test_ray_ssi_equals_fisher_subspace(ray_cluster, full_grads, calib, world, rho, k_max, k_fixed):
     """2 shard tasks x 2 merge tasks on Ray == fisher_subspace on the full gradient matrix."""
-    job = SSIJob(BUILDER, TinyArgs(), calib)
+    job = SSIJob(world.model, world.adapter, calib)
     t0 = time.perf_counter()
     got = identify_subspaces(job, ClusterConfig(ssi_workers=2, ssi_blocks=2), rho, k_max, k_fixed)
     print(f"\n[timings] ray ssi {rho=} {k_fixed=}: {time.perf_counter() - t0:.1f}s")

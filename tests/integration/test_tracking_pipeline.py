@@ -153,3 +153,28 @@ def test_failed_pipeline_ends_runs_failed(tmp_path, cache, monkeypatch):
     assert parent.info.status == "FAILED"
     (child,) = _children(client, parent)
     assert child.info.run_name == "step1-code" and child.info.status == "FAILED"
+
+
+def test_resume_continues_the_same_parent_run(tracked):
+    """--resume reopens the pipeline run's MLflow parent (and the domain's child) instead of a
+    new one, and logs only what the interrupted execution had not logged: here the last
+    domain's tracking step is made unfinished (a kill between its eval and its tracking)."""
+    client, s, storage, run_dir = tracked["client"], tracked["summary"], tracked["storage"], tracked["run_dir"]
+    exp = client.get_run(s["mlflow_run_id"]).info.experiment_id
+    children_before = {c.info.run_name: c.info.run_id for c in _children(client, client.get_run(s["mlflow_run_id"]))}
+    (run_dir / "steps" / "02-legal" / "92-track" / "_COMPLETE").unlink()
+    (run_dir / "summary.json").unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tracked["cwd"])
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert sequential.main(["--storage", str(storage), "--resume", run_dir.name]) == 0
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert again["mlflow_run_id"] == s["mlflow_run_id"]
+    (parent,) = client.search_runs([exp], "tags.mlflow.parentRunId IS NULL")
+    assert parent.info.run_id == s["mlflow_run_id"] and parent.info.status == "FINISHED"
+    assert parent.data.tags["resumed"] == "True"
+    children = {c.info.run_name: c.info.run_id for c in _children(client, parent)}
+    assert children == children_before  # no new child for either domain
+    hist = client.get_metric_history(parent.info.run_id, "safety")
+    assert sorted(m.step for m in hist) == [0, 1, 2]  # step 2 logged once, steps 0-1 not again
+    assert again["executions"][-1] == "02-legal/92-track"
