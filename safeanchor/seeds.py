@@ -9,6 +9,7 @@ string-keyed streams are hashed by `random.Random` with sha512, stable across pr
 from __future__ import annotations
 
 import random
+import zlib
 
 
 def lora_init(seed: int) -> int:
@@ -45,6 +46,11 @@ def rank_stream(phase_seed: int, rank: int) -> int:
 def adapter_reinit(seed: int, step: int) -> int:
     """A fresh adapter before domain `step` (O-LoRA; Vaccine's after its re-alignment: step 999)."""
     return seed * 1000 + step
+
+
+def random_subspace(seed: int, step: int, tensor: str) -> int:
+    """SafeAnchor's random-subspace control: the basis of `tensor` at domain `step`."""
+    return seed * 1_000_003 + step * 10_007 + zlib.crc32(tensor.encode())
 
 
 def calib_sample(seed: int) -> random.Random:

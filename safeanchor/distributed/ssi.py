@@ -27,7 +27,8 @@ import torch
 from safeanchor.config import ConfigError
 from safeanchor.distributed.config import ClusterConfig
 from safeanchor.distributed.trainer import ensure_ray, resolve_use_gpu
-from safeanchor.subspace.fisher import Subspace, safety_gradients, safety_subspaces, select_rank
+from safeanchor.ssi import safety_gradients, safety_subspaces
+from safeanchor.subspace.fisher import Subspace, select_rank
 from safeanchor.train.phase import ModelSpec, load_peft_model
 
 

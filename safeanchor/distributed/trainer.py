@@ -5,13 +5,13 @@ name / options / state, examples, train config, seed). EVERY process that trains
 worker; the driver itself under `executor: local`) runs `build(spec)`, builds its engine around
 the model, then the method's hooks from `engine.module` (`make_hooks`: caches on the device and
 dtype the engine gave the parameters), and runs `safeanchor.train.loop.run_loop`. Rank 0 returns
-a `PhaseResult` (adapter bytes, the method's state, stats).
+a `PhaseResult` (adapter bytes, the hooks' stats, train stats).
 
 executor ray: a `TorchTrainer` named `spec.name` (`<run_id>-<step>`) with `num_workers` workers
 (ScalingConfig from ClusterConfig), gloo on CPU / NCCL on GPU, RunConfig(storage_path, name,
 FailureConfig(max_failures)). The global batch of step s is the single-process batch; each rank
 trains on its 1/W share. Every `checkpoint_every` steps all ranks save the DeepSpeed engine state
-(trainable tensors, their ZeRO optimizer partition, LambdaLR, step, losses, the method's state,
+(trainable tensors, their ZeRO optimizer partition, LambdaLR, step, losses, the hooks' counters,
 each rank's RNG state) and report it; ZeRO-1/2 shard the optimizer state, so every rank
 contributes its own files and Ray Train merges them into one checkpoint directory; the workers
 wait until Ray Train has committed it (otherwise a worker that dies a few steps later restarts
@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from safeanchor import seeds
 from safeanchor.config import ConfigError
 from safeanchor.data import DataError, ExampleBatches, encode_dataset
 from safeanchor.distributed.config import ClusterConfig, engine_config
@@ -47,9 +48,9 @@ from safeanchor.train.phase import (
     PhaseResult,
     PhaseSpec,
     build,
-    load_method_state,
+    hooks_state,
+    load_hooks_state,
     make_hooks,
-    method_state,
     result,
 )
 
@@ -155,7 +156,7 @@ def run_phase(spec: PhaseSpec, cluster: ClusterConfig | None = None,
     hooks = make_hooks(built, engine.module)
     stats = run_loop(engine, batches_from(batcher.epoch, len(batcher), 0), steps, spec.train, hooks,
                      log=log, tag=spec.tag)
-    return result(built, engine.module, stats)
+    return result(engine.module, hooks, stats)
 
 
 def _batcher(built: Built) -> ExampleBatches:
@@ -209,17 +210,17 @@ def _train_rank(spec: PhaseSpec, cluster: ClusterConfig, use_gpu: bool, ds: dict
     t_engine = time.time()
     # Dropout etc.: a seeded stream per rank (each rank draws its own masks, as DDP does); its
     # state travels in checkpoints, so a restarted phase draws what the interrupted one would have.
-    torch.manual_seed(spec.seed * 1_000_003 + rank)
+    torch.manual_seed(seeds.rank_stream(spec.seed, rank))
     start, losses = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        start, losses = _load(engine, ckpt, built, rank)
+        start, losses = _load(engine, ckpt, hooks, rank)
         if rank == 0:
             _worker_log(f"  [{spec.tag}] resumed from the checkpoint of step {start}/{steps}")
 
     def on_step(done: int, losses: list[float]) -> None:
         if cluster.checkpoint_every and done % cluster.checkpoint_every == 0 and done < steps:
-            _save(engine, built, done, losses, rank)
+            _save(engine, hooks, done, losses, rank)
 
     stats = run_loop(engine, batches_from(batcher.epoch, len(batcher), start), steps, cfg, hooks,
                      rank=rank, world=world, start_step=start, losses=losses, on_step=on_step,
@@ -231,7 +232,7 @@ def _train_rank(spec: PhaseSpec, cluster: ClusterConfig, use_gpu: bool, ds: dict
         # where a worker's time went (epoch seconds for worker_start, so the driver can time the launch)
         stats["timing"] = {"worker_start": t_start, "build_s": t_built - t_start, "engine_s": t_engine - t_built,
                            "end": time.time()}
-        return {"result": result(built, engine.module, stats)} if rank == 0 else {}
+        return {"result": result(engine.module, hooks, stats)} if rank == 0 else {}
 
 
 def _master_weights(engine: Any, bf16: bool) -> None:
@@ -261,11 +262,11 @@ def _gathered(engine: Any):
     return nullcontext()
 
 
-def _save(engine: Any, built: Built, step: int, losses: list[float], rank: int) -> None:
+def _save(engine: Any, hooks: Any, step: int, losses: list[float], rank: int) -> None:
     """Every rank: its part of the engine state; Ray Train merges the parts into one checkpoint."""
     import ray.train
 
-    client = {"step": step, "losses": list(losses), "method_state": method_state(built)}
+    client = {"step": step, "losses": list(losses), "hooks": hooks_state(hooks)}
     with tempfile.TemporaryDirectory() as d:
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -283,7 +284,7 @@ def _save(engine: Any, built: Built, step: int, losses: list[float], rank: int) 
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
-def _load(engine: Any, ckpt: Any, built: Built, rank: int) -> tuple[int, list[float]]:
+def _load(engine: Any, ckpt: Any, hooks: Any, rank: int) -> tuple[int, list[float]]:
     with ckpt.as_directory() as d:
         rng = torch.load(f"{d}/rng_rank{rank}.pt", weights_only=False)
         torch.set_rng_state(rng["cpu"])
@@ -302,5 +303,5 @@ def _load(engine: Any, ckpt: Any, built: Built, rank: int) -> tuple[int, list[fl
                     params[n].copy_(t)
             engine.opt.load_state_dict(client["optimizer"])
             engine.sched.load_state_dict(client["scheduler"])
-    load_method_state(built, client["method_state"])
+    load_hooks_state(hooks, client["hooks"])
     return int(client["step"]), list(client["losses"])

@@ -17,11 +17,14 @@ process, e.g. a Ray Train worker, so a method keeps NOTHING between hooks that
         evaluation
     method.state_dict() / load_state_dict()   everything a fresh process needs to continue
 
-A train phase, in whatever process runs it (the driver, or every Ray Train worker):
+A train phase, in whatever process runs it (the driver, or every Ray Train worker, built from a
+`safeanchor.train.phase.PhaseSpec`):
 
     method.load_state_dict(state); method.attach(ctx)   (in a fresh process)
-    hooks = method.phase_hooks(ctx, phase_name)         per-process caches (projection groups,
-                                                        anchor references) are built here
+    hooks = method.phase_hooks(ctx, phase_name)         a per-phase object, built after the
+                                                        engine: its caches (projection groups,
+                                                        anchor references, batches) live on the
+                                                        parameters' device and dtype
     per step:  loss  = hooks.loss(model, batch, task_loss)        its gradient goes through
                                                                   hooks.transform_grad
                extra = hooks.unprojected_loss(model, batch)       its gradient does NOT
@@ -35,9 +38,12 @@ A train phase, in whatever process runs it (the driver, or every Ray Train worke
                        reduced gradient, through `grads.get()` / `grads.set(...)` (p.grad in
                        one process; DeepSpeed's full-gradient API under ZeRO >= 1)
                clip ; optimizer step
-    after the phase: in-process, the hooks have updated the method itself (hooks objects keep
-    their counters ON the method); on Ray Train, rank 0's method.state_dict() replaces the
-    driver's. So anything a phase changes that matters later belongs in state_dict().
+    optional on the hooks: state_dict() / load_state_dict() (their counters: saved in every
+    Train checkpoint, put back in a restarted worker), stats() (JSON-able: what the phase did),
+    close() (remove what they installed on the model).
+    after the phase, in the driver: method.end_phase(ctx, phase_name, stats) with rank 0's
+    hooks.stats(). The hooks own their counters; the phase never changes the method itself,
+    which keeps only durable cross-domain state (what `end_phase` folds in included).
 
 The pipeline and the training loop never ask which method runs. A method that needs a new
 hook adds it here, for every method.
@@ -116,6 +122,15 @@ def trainable_device(model: torch.nn.Module) -> torch.device:
     return next(p for p in model.parameters() if p.requires_grad).device
 
 
+def hook_stats(hooks: Any) -> dict[str, Any]:
+    """`hooks.stats()` if the hooks report anything (after `hooks.close()` if they have it)."""
+    close = getattr(hooks, "close", None)
+    if close is not None:
+        close()
+    fn = getattr(hooks, "stats", None)
+    return dict(fn()) if fn is not None else {}
+
+
 class Method:
     """No-op defaults: plain sequential LoRA is a Method with nothing overridden.
 
@@ -155,6 +170,9 @@ class Method:
         if phase != "domain":
             raise ValueError(f"method {self.name!r} has no training phase {phase!r}")
         return self
+
+    def end_phase(self, ctx: Context, phase: str, stats: dict[str, Any]) -> None:
+        """In the driver after a phase: fold the hooks' `stats()` (rank 0's) into durable state."""
 
     # ---- StepHooks (the "domain" phase) ---------------------------------------------------
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor:

@@ -34,18 +34,18 @@ after_domain reports how many tensors have an all-zero Fisher.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from safeanchor import seeds
 from safeanchor.config import check
 from safeanchor.data import ChatExample, collate, encode_dataset
-from safeanchor.methods.base import Context, Method, register_method
+from safeanchor.methods.base import Context, Method, register_method, trainable_device
 from safeanchor.models import lora_parameters
-from safeanchor.subspace.fisher import safety_gradients
+from safeanchor.ssi import safety_gradients
 
 FISHER_SOURCES = ("previous_domain", "safety")
 
@@ -123,18 +123,16 @@ class Ewc(Method):
         self.fisher: dict[str, torch.Tensor] = {}  # F_i, float32
         self.anchor: dict[str, torch.Tensor] = {}  # θ*_i, float32
         self.log: list[dict[str, Any]] = []  # one record per Fisher estimate
-        self._pen_sum = 0.0  # penalty statistics of the current phase (what after_domain reports)
+        self._pen_sum = 0.0  # penalty statistics of the domain's phases (what after_domain reports)
         self._pen_n = 0
         self._pen_last = 0.0
-        self._pen_sum_t: torch.Tensor | None = None  # device-side running sum (no sync per step)
-        self._pen_last_t: torch.Tensor | None = None
 
     # ---- Fisher estimates (driver) --------------------------------------------------
     def _sample(self, ctx: Context, examples: list[ChatExample], tag: str) -> list[ChatExample]:
         k = self.cfg.fisher_samples
         if k is not None and len(examples) > k:
             # str seeds are hashed with sha512 by `random`: stable across processes
-            return random.Random(f"ewc:{tag}:{ctx.seed}:{ctx.step}").sample(examples, k)
+            return seeds.ewc_sample(ctx.seed, tag, ctx.step).sample(examples, k)
         return list(examples)
 
     def refresh(self, ctx: Context, examples: list[ChatExample], tag: str) -> dict[str, Any]:
@@ -183,44 +181,41 @@ class Ewc(Method):
         return info
 
     def phase_hooks(self, ctx: Context, phase: str) -> Any:
-        hooks = super().phase_hooks(ctx, phase)
-        self._reset_stats()
-        return hooks
+        """F and θ* go to the parameters' device (float32: the penalty is summed in float32);
+        the phase's hooks count the penalty (`end_phase` folds their stats in)."""
+        if phase != "domain":
+            return super().phase_hooks(ctx, phase)
+        dev = trainable_device(ctx.model)
+        self.fisher = {n: f.to(dev) for n, f in self.fisher.items()}
+        self.anchor = {n: a.to(dev) for n, a in self.anchor.items()}
+        return _Penalty(self)
+
+    def penalty(self, model) -> torch.Tensor | None:
+        """lam · Σ F (θ − θ*)² at the model's LoRA tensors (None: no Fisher yet, or lam = 0)."""
+        if not self.fisher or self.cfg.lam == 0:
+            return None
+        return ewc_penalty(lora_parameters(model), self.fisher, self.anchor, self.cfg.lam)
 
     def loss(self, model, batch, task_loss):
-        if not self.fisher or self.cfg.lam == 0:
-            return task_loss
-        params = lora_parameters(model)
-        dev = task_loss.device
-        if any(f.device != dev for f in self.fisher.values()):  # after load_state_dict onto CPU
-            self.fisher = {n: f.to(dev) for n, f in self.fisher.items()}
-            self.anchor = {n: a.to(dev) for n, a in self.anchor.items()}
-        pen = ewc_penalty(params, self.fisher, self.anchor, self.cfg.lam)
-        d = pen.detach()
-        self._pen_sum_t = d if self._pen_sum_t is None else self._pen_sum_t + d
-        self._pen_last_t = d
-        self._pen_n += 1
-        return task_loss + pen.to(task_loss.dtype)
+        pen = self.penalty(model)
+        return task_loss if pen is None else task_loss + pen.to(task_loss.dtype)
 
-    def _flush_stats(self) -> None:
-        if self._pen_sum_t is not None:
-            self._pen_sum += float(self._pen_sum_t)
-            self._pen_last = float(self._pen_last_t)
-            self._pen_sum_t = self._pen_last_t = None
+    def end_phase(self, ctx: Context, phase: str, stats: dict[str, Any]) -> None:
+        if stats.get("n"):
+            self._pen_sum += float(stats["sum"])
+            self._pen_n += int(stats["n"])
+            self._pen_last = float(stats["last"])
 
     def _reset_stats(self) -> None:
         self._pen_sum, self._pen_n, self._pen_last = 0.0, 0, 0.0
-        self._pen_sum_t = self._pen_last_t = None
 
     def penalty_stats(self) -> dict[str, float]:
-        """The penalty over the current phase's steps: mean, last value, number of steps."""
-        self._flush_stats()
+        """The penalty over the domain's steps: mean, last value, number of steps."""
         return {"mean": self._pen_sum / self._pen_n if self._pen_n else 0.0, "last": self._pen_last,
                 "steps": self._pen_n}
 
     # ---- persistence ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        self._flush_stats()
         return {
             "fisher": {n: f.detach().cpu().clone() for n, f in self.fisher.items()},
             "anchor": {n: a.detach().cpu().clone() for n, a in self.anchor.items()},
@@ -236,10 +231,37 @@ class Ewc(Method):
                 raise ValueError("ewc state: Fisher and anchor name different tensors")
         if "log" in state:
             self.log = [dict(r) for r in state["log"]]
-        if "penalty" in state:  # full state, or a phase's statistics merged back
-            self._pen_sum_t = self._pen_last_t = None
+        if "penalty" in state:
             pen = state["penalty"]
             self._pen_sum, self._pen_n, self._pen_last = float(pen["sum"]), int(pen["n"]), float(pen["last"])
 
     def summary(self) -> dict[str, Any]:
         return {"fisher_source": self.cfg.fisher_source, "fisher_log": self.log}
+
+
+class _Penalty:
+    """A domain phase's hooks: task loss + the EWC penalty, whose values it sums over the
+    phase (device-side, no sync per step; saved in Train checkpoints)."""
+
+    def __init__(self, ewc: Ewc) -> None:
+        self.ewc = ewc
+        self.n = 0
+        self.sum: torch.Tensor | float = 0.0
+        self.last: torch.Tensor | float = 0.0
+
+    def loss(self, model, batch, task_loss):
+        pen = self.ewc.penalty(model)
+        if pen is None:
+            return task_loss
+        d = pen.detach()
+        self.sum, self.last, self.n = self.sum + d, d, self.n + 1
+        return task_loss + pen.to(task_loss.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "sum": float(self.sum), "last": float(self.last)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n, self.sum, self.last = int(state["n"]), float(state["sum"]), float(state["last"])
+
+    def stats(self) -> dict[str, Any]:
+        return self.state_dict()

@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from safeanchor import seeds
 from safeanchor.config import check
 from safeanchor.data import ChatExample
 from safeanchor.methods.base import Context, Method, register_method
@@ -62,7 +63,7 @@ class Interleave(Method):
         if not ctx.safety_calib:
             raise ValueError("data.safety_calib: empty calibration set (interleave mixes safety examples from it)")
         # str seeds are hashed with sha512 by `random`: stable across processes and Python runs
-        rng = random.Random(f"interleave:{ctx.seed}:{ctx.step}")
+        rng = seeds.interleave_sample(ctx.seed, ctx.step)
         safety = sample_safety(ctx.safety_calib, k, rng)
         rec = {"domain": ctx.domain, "step": ctx.step, "domain_examples": len(examples), "safety_examples": k,
                "safety_fraction": k / (len(examples) + k), "with_replacement": k > len(ctx.safety_calib)}

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from safeanchor import seeds
 from safeanchor.config import check
 from safeanchor.methods.base import Context, Method, register_method
 from safeanchor.models import (
@@ -86,7 +87,7 @@ class OLora(Method):
             return
         self.frozen[name] = freeze_copy(ctx.model, name)
         set_active(ctx.model, list(self.frozen))
-        reinit_adapter(ctx.model, seed=ctx.seed * 1000 + ctx.step)
+        reinit_adapter(ctx.model, seed=seeds.adapter_reinit(ctx.seed, ctx.step))
         self.orth_last = None
         ctx.log(f"  [olora] froze the previous domain's adapter as {name}; {len(self.frozen)} frozen, "
                 f"'{TRAINABLE}' re-initialised for {ctx.domain}")

@@ -15,15 +15,14 @@ Per domain t (each a durable pipeline step; state lives in state_dict()):
 
 from __future__ import annotations
 
-import random
 import time
-import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from safeanchor import seeds
 from safeanchor.config import ConfigError, check
 from safeanchor.data import collate, encode_dataset
 from safeanchor.methods.base import (
@@ -35,13 +34,14 @@ from safeanchor.methods.base import (
     trainable_device,
 )
 from safeanchor.models import lora_parameters
+from safeanchor.ssi import safety_subspaces
 from safeanchor.subspace.anchor import anchor_kl, cached_reference
 from safeanchor.subspace.fisher import (
     Subspace,
     merge_subspaces,
+    project,
     project_batched,
     random_basis,
-    safety_subspaces,
 )
 
 
@@ -131,12 +131,6 @@ class SafeAnchor(Method):
         self.s0: float | None = None
         self.csm_log: list[dict[str, Any]] = []
         self.ssi_log: list[dict[str, Any]] = []
-        self._anchor_batches: list[dict[str, torch.Tensor]] = []
-        self._anchor_ref: list[torch.Tensor] = []
-        self._anchor_i = 0
-        self._anchor_step = 0
-        self._safety_batches: list[dict[str, torch.Tensor]] = []
-        self._safety_i = 0
 
     # ---- SSI ------------------------------------------------------------------------
     def _calib_examples(self, ctx: Context) -> list:
@@ -144,7 +138,7 @@ class SafeAnchor(Method):
         if not ex:
             raise ValueError("data.safety_calib: empty calibration set (SafeAnchor needs safe responses)")
         if self.cfg.calib_size and len(ex) > self.cfg.calib_size:
-            ex = random.Random(ctx.seed).sample(ex, self.cfg.calib_size)
+            ex = seeds.calib_sample(ctx.seed).sample(ex, self.cfg.calib_size)
         return ex
 
     def identify(self, ctx: Context) -> dict[str, Subspace]:
@@ -152,6 +146,7 @@ class SafeAnchor(Method):
         if ctx.fisher_subspaces is not None:  # the pipeline's service (Ray tasks or in-process)
             return ctx.fisher_subspaces(self._calib_examples(ctx), self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed,
                                         self.cfg.grad_chunk, ctx.max_length)
+        # no pipeline (a method used on its own): in this process, at ctx.model
         return safety_subspaces(ctx.model, ctx.tokenizer, self._calib_examples(ctx), ctx.max_length,
                                 self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed, chunk=self.cfg.grad_chunk)
 
@@ -168,7 +163,7 @@ class SafeAnchor(Method):
             if not self.cfg.projection or sub is None or sub.k == 0 or self.alpha.get(name, 1.0) >= 1.0:
                 continue
             V = self.random_V[name] if self.cfg.subspace == "random" else sub.V
-            self._proj[name] = (V.to(device=p.device, dtype=p.dtype), 1.0 - self.alpha[name])
+            self._proj[name] = (V.to(device=p.device, dtype=p.dtype), self.alpha[name])
         by_size: dict[tuple[int, torch.dtype, torch.device], list[str]] = {}
         for name, (V, _) in self._proj.items():
             by_size.setdefault((V.shape[0], V.dtype, V.device), []).append(name)
@@ -179,16 +174,15 @@ class SafeAnchor(Method):
             for i, x in enumerate(names):
                 V = self._proj[x][0]
                 Vs[i, :, : V.shape[1]] = V
-            alpha = torch.tensor([1.0 - self._proj[x][1] for x in names], dtype=dtype, device=device)
+            alpha = torch.tensor([self._proj[x][1] for x in names], dtype=dtype, device=device)
             self._groups.append((names, Vs, alpha))
 
     def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
         entry = self._proj.get(name)
         if entry is None:
             return None
-        V, one_minus_alpha = entry
-        g = grad.reshape(-1)
-        return (g - one_minus_alpha * (V @ (V.T @ g))).view_as(grad)
+        V, alpha = entry
+        return project(grad.reshape(-1), V, alpha).view_as(grad)  # ĝ = g − (1 − α)·V(Vᵀg)
 
     def transform_grads(self, grads: dict[str, torch.Tensor]) -> None:
         """The same projection on every full gradient at once, in place: one bmm per group of
@@ -224,7 +218,7 @@ class SafeAnchor(Method):
                                   f"no calibration example has a meta 'kind' in {kinds} (kinds present: {found})")
         feats = encode_dataset(ctx.tokenizer, examples, ctx.max_length)
         order = list(range(len(feats)))
-        random.Random(ctx.seed).shuffle(order)
+        seeds.safety_batch_order(ctx.seed).shuffle(order)
         pad = ctx.tokenizer.pad_token_id
         device = trainable_device(ctx.model)
         return [{k: v.to(device) for k, v in collate([feats[i] for i in order[s : s + size]], pad).items()}
@@ -242,8 +236,7 @@ class SafeAnchor(Method):
         if self.cfg.subspace == "random":
             # The control keeps the Fisher side (k, α, the merges) and swaps only the directions:
             # a fresh seeded basis of the merged k per tensor, for this domain.
-            base = ctx.run_cfg.seed * 1_000_003 + ctx.step * 10_007
-            self.random_V = {n: random_basis(s.V.shape[0], s.k, base + zlib.crc32(n.encode()), s.V.dtype)
+            self.random_V = {n: random_basis(s.V.shape[0], s.k, seeds.random_subspace(ctx.seed, ctx.step, n), s.V.dtype)
                              for n, s in merged.items()}
         self.alpha = alphas_from_traces({n: s.trace for n, s in fresh.items()}, self.cfg)
         ssi_s = time.perf_counter() - t0
@@ -264,33 +257,24 @@ class SafeAnchor(Method):
             ctx.run_dir.write_bytes(f"subspaces/step{ctx.step}-{ctx.domain}.safetensors", self.subspace_bytes())
 
     def phase_hooks(self, ctx: Context, phase: str) -> Any:
-        """Per-process caches, built from ctx.model as the engine left it (device, dtype):
-        projection (V, α) per tensor; anchor batches and the reference log-probs of θ_{t−1}
-        (the model as the domain phase starts; float32 like the log-probs they are compared
-        with); safety batches for replay."""
+        """The phase's hooks, built from ctx.model as the engine left it (device, dtype): the
+        projection (V, α) per tensor (on the method: a per-process cache of its subspaces); for
+        "domain" the anchor batches and the reference log-probs of θ_{t−1} (the model as the
+        phase starts; float32 like the log-probs they are compared with); for "replay" the
+        safety batches. The counters live on the hooks."""
         self._build_projection(ctx.model)
         if phase == "domain":
-            self._anchor_batches, self._anchor_ref = [], []
+            batches, ref = [], []
             if self.cfg.anchor and self.cfg.gamma > 0:
-                self._anchor_batches = self._batches(ctx, self.cfg.anchor_batch, self.cfg.anchor_kinds)
-                self._anchor_ref = cached_reference(ctx.model, self._anchor_batches)
-            self._anchor_i = self._anchor_step = 0
-            return self
+                batches = self._batches(ctx, self.cfg.anchor_batch, self.cfg.anchor_kinds)
+                ref = cached_reference(ctx.model, batches)
+            return _Domain(self, batches, ref)
         if phase == "replay":
-            self._safety_batches = self._batches(ctx, self.cfg.safety_batch)
-            return _Replay(self)
+            # replay rounds so far (this one counted by its gate): each ran replay_steps steps,
+            # one safety batch a step, so the cycle through the batches goes on where it stopped
+            before = sum(r["rounds"] for r in self.csm_log) - 1
+            return _Replay(self, self._batches(ctx, self.cfg.safety_batch), max(0, before) * self.cfg.replay_steps)
         return super().phase_hooks(ctx, phase)
-
-    def unprojected_loss(self, model, batch) -> torch.Tensor | None:
-        """γ·KL(p_{θ_{t−1}} ‖ p_θ) on the next anchor batch: its gradient is NOT projected."""
-        if not self._anchor_ref:
-            return None
-        step, self._anchor_step = self._anchor_step, self._anchor_step + 1
-        if step % self.cfg.anchor_every:
-            return None
-        i = self._anchor_i % len(self._anchor_batches)
-        self._anchor_i += 1
-        return self.cfg.gamma * self.cfg.anchor_every * anchor_kl(model, self._anchor_batches[i], self._anchor_ref[i])
 
     def gate(self, ctx: Context, round: int) -> Gate:
         """CSM: round 0 measures s_t after the domain; round r re-checks after replay round r."""
@@ -311,10 +295,10 @@ class SafeAnchor(Method):
             return Gate({**decision, "replay": False})
         rec["rounds"] += 1
         n = self.cfg.replay_steps * self.cfg.replay_batch
-        task = random.Random(ctx.step * 7919 + rec["rounds"]).choices(ctx.domain_train, k=n)
+        task = seeds.replay_sample(ctx.seed, ctx.step, rec["rounds"]).choices(ctx.domain_train, k=n)
         tcfg = replace(ctx.run_cfg.train, lr=self.cfg.replay_lr, batch_size=self.cfg.replay_batch,
                        epochs=1.0, max_steps=self.cfg.replay_steps, warmup_ratio=0.0, schedule="constant")
-        phase = TrainPhase(task, tcfg, ctx.seed * 1000 + ctx.step * 10 + rec["rounds"],
+        phase = TrainPhase(task, tcfg, seeds.replay_phase(ctx.seed, ctx.step, rec["rounds"]),
                            f"replay {rec['rounds']}", hooks="replay")
         return Gate({**decision, "replay": True}, phase)
 
@@ -339,10 +323,7 @@ class SafeAnchor(Method):
 
     def state_dict(self) -> dict[str, Any]:
         return {"s0": self.s0, "csm": self.csm_log, "ssi": self.ssi_log, "alpha": dict(self.alpha),
-                "subspaces": subspace_tensors(self.subspaces), "random_V": dict(self.random_V),
-                "anchor_i": self._anchor_i,
-                "anchor_step": self._anchor_step,
-                "safety_i": self._safety_i}
+                "subspaces": subspace_tensors(self.subspaces), "random_V": dict(self.random_V)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.s0 = state["s0"]
@@ -351,8 +332,6 @@ class SafeAnchor(Method):
         self.alpha = {k: float(v) for k, v in state["alpha"].items()}
         self.subspaces = subspaces_from_tensors(state["subspaces"])
         self.random_V = dict(state.get("random_V", {}))
-        self._anchor_i, self._safety_i = int(state["anchor_i"]), int(state["safety_i"])
-        self._anchor_step = int(state["anchor_step"])
 
     def summary(self) -> dict[str, Any]:
         return {"s0": self.s0, "csm": self.csm_log, "ssi": self.ssi_log}
@@ -372,22 +351,71 @@ def subspaces_from_tensors(t: dict[str, torch.Tensor]) -> dict[str, Subspace]:
     return {n: Subspace(t[f"{n}.V"], t[f"{n}.lam"], float(t[f"{n}.trace"][0])) for n in names}
 
 
-class _Replay:
-    """Replay step hooks: L_task + β·L_safe on a calibration batch; gradients projected.
-    No unprojected loss and no after_backward: both step loops treat those hooks as optional."""
+class _Domain:
+    """The domain phase's hooks: the task loss as is, its gradient projected (the method's
+    projection), plus ∇ γ·KL(p_{θ_{t−1}} ‖ p_θ) on the next anchor batch, added unprojected.
+    Counts its steps and anchor batches (saved in Train checkpoints)."""
 
-    def __init__(self, sa: SafeAnchor) -> None:
-        self.sa = sa
+    def __init__(self, sa: SafeAnchor, batches: list[dict[str, torch.Tensor]], ref: list[torch.Tensor]) -> None:
+        self.sa, self.batches, self.ref = sa, batches, ref
+        self.step = 0  # steps so far (anchor_every: the anchor on every k-th one)
+        self.anchor_i = 0  # anchor batches used so far
 
     def loss(self, model, batch, task_loss):
-        sa = self.sa
-        b = sa._safety_batches[sa._safety_i % len(sa._safety_batches)]
-        sa._safety_i += 1
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-        return task_loss + sa.cfg.beta * out.loss
+        return task_loss
+
+    def unprojected_loss(self, model, batch) -> torch.Tensor | None:
+        """γ·KL(p_{θ_{t−1}} ‖ p_θ) on the next anchor batch: its gradient is NOT projected."""
+        if not self.ref:
+            return None
+        cfg = self.sa.cfg
+        step, self.step = self.step, self.step + 1
+        if step % cfg.anchor_every:
+            return None
+        i = self.anchor_i % len(self.batches)
+        self.anchor_i += 1
+        return cfg.gamma * cfg.anchor_every * anchor_kl(model, self.batches[i], self.ref[i])
 
     def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
         return self.sa.transform_grad(name, grad)
 
     def transform_grads(self, grads: dict[str, torch.Tensor]) -> None:
         self.sa.transform_grads(grads)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "anchor_i": self.anchor_i}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.anchor_i = int(state["step"]), int(state["anchor_i"])
+
+    def stats(self) -> dict[str, int]:
+        return {"steps": self.step, "anchor_batches": self.anchor_i}
+
+
+class _Replay:
+    """Replay step hooks: L_task + β·L_safe on the next calibration batch; gradients projected.
+    `start`: safety batches used by earlier replay rounds (the cycle goes on across rounds)."""
+
+    def __init__(self, sa: SafeAnchor, batches: list[dict[str, torch.Tensor]], start: int = 0) -> None:
+        self.sa, self.batches, self.i, self.start = sa, batches, start, start
+
+    def loss(self, model, batch, task_loss):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        return task_loss + self.sa.cfg.beta * out.loss
+
+    def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
+        return self.sa.transform_grad(name, grad)
+
+    def transform_grads(self, grads: dict[str, torch.Tensor]) -> None:
+        self.sa.transform_grads(grads)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.i = int(state["i"])
+
+    def stats(self) -> dict[str, int]:
+        return {"steps": self.i - self.start}

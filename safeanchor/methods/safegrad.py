@@ -10,8 +10,9 @@ loss. SafeGrad's code is not public; every choice made here:
 
 - Alignment data: the safety calibration set (harmful → refusal, benign → helpful answer),
   shuffled once with the run seed and cut into batches of `align_batch`; step k uses batch
-  k mod (number of batches). The counter lives in the state, so a fresh process continues the
-  cycle where the last one stopped. `align_size` caps the set (seeded sample; SafeGrad reports
+  k mod (number of batches), k counted over the run. A phase's hooks (`Surgery`) count its
+  steps from the run's total so far (the method's state) and `end_phase` adds them to it, so a
+  fresh process continues the cycle where the last phase stopped. `align_size` caps the set (seeded sample; SafeGrad reports
   that ~20 alignment examples suffice).
 - Alignment loss: token NLL of the safe responses (mean over response tokens) plus kl_weight ·
   forward KL(p_aligned ‖ p_θ) averaged over the same response tokens. The paper's KL term
@@ -41,13 +42,13 @@ loss. SafeGrad's code is not public; every choice made here:
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from safeanchor import seeds
 from safeanchor.config import check
 from safeanchor.data import collate, encode_dataset
 from safeanchor.methods.base import Context, Method, register_method, trainable_device
@@ -145,68 +146,42 @@ def project_conflict(gu: list[torch.Tensor | None], ga: list[torch.Tensor | None
 class SafeGrad(Method):
     def __init__(self, cfg: SafeGradConfig) -> None:
         self.cfg = cfg
-        self.counters = {k: 0 for k in COUNTERS}
+        self.counters = {k: 0 for k in COUNTERS}  # over the run, folded in by end_phase
         self.cos_sum = 0.0  # Σ cos(g_u, g_a) over steps (mean cosine = cos_sum / steps)
         self.reported = {k: 0 for k in COUNTERS}  # counters at the previous after_domain
         self.domain_log: list[dict[str, Any]] = []
-        self.batches: list[dict[str, torch.Tensor]] = []  # per-process cache (phase_hooks)
 
-    # ---- per-process caches ----------------------------------------------------------
-    def build_batches(self, ctx: Context) -> None:
+    def alignment_batches(self, ctx: Context) -> list[dict[str, torch.Tensor]]:
+        """The alignment batches, on the parameters' device (built per phase)."""
         ex = list(ctx.safety_calib)
         if not ex:
             raise ValueError("data.safety_calib: empty calibration set (safegrad needs alignment examples)")
-        rng = random.Random(f"safegrad:{ctx.seed}")
+        rng = seeds.safegrad_batches(ctx.seed)
         if self.cfg.align_size is not None and len(ex) > self.cfg.align_size:
             ex = rng.sample(ex, self.cfg.align_size)
         feats = encode_dataset(ctx.tokenizer, ex, ctx.max_length)
         rng.shuffle(feats)
         device = trainable_device(ctx.model)
         pad = ctx.tokenizer.pad_token_id
-        self.batches = [{k: v.to(device) for k, v in collate(feats[s : s + self.cfg.align_batch], pad).items()}
-                        for s in range(0, len(feats), self.cfg.align_batch)]
+        return [{k: v.to(device) for k, v in collate(feats[s : s + self.cfg.align_batch], pad).items()}
+                for s in range(0, len(feats), self.cfg.align_batch)]
 
-    def phase_hooks(self, ctx: Context, phase: str) -> Any:
-        hooks = super().phase_hooks(ctx, phase)
-        self.build_batches(ctx)
-        return hooks
+    def phase_hooks(self, ctx: Context, phase: str) -> Surgery:
+        if phase != "domain":
+            return super().phase_hooks(ctx, phase)
+        # the cycle through the alignment batches goes on where the previous phase stopped
+        return Surgery(self.cfg, self.alignment_batches(ctx), start=self.counters["steps"])
+
+    def end_phase(self, ctx: Context, phase: str, stats: dict[str, Any]) -> None:
+        for k in COUNTERS:
+            self.counters[k] += int(stats.get(k, 0))
+        self.cos_sum += float(stats.get("cos_sum", 0.0))
 
     def setup(self, ctx: Context) -> None:
         nonzero = [n for n, p in lora_parameters(ctx.model).items() if "lora_B" in n and bool(p.detach().any())]
         if nonzero:  # the reference is still the checkpoint, but θ no longer starts there
             ctx.log(f"  [safegrad] note: {len(nonzero)} lora_B tensors are non-zero before domain 1; the KL "
                     "reference (adapter off) is the checkpoint, not the starting model")
-
-    # ---- the surgery -----------------------------------------------------------------
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if not self.batches:
-            raise RuntimeError("safegrad: no alignment batches; phase_hooks(ctx, 'domain') builds them "
-                               "and must run in the training process before the first step")
-        return self.batches[self.counters["steps"] % len(self.batches)]
-
-    def alignment_gradient(self, model, batch: dict[str, torch.Tensor],
-                           params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
-        """g_a per tensor via autograd.grad (p.grad untouched); eval mode, restored after."""
-        was_training = model.training
-        model.eval()
-        try:
-            loss = alignment_loss(model, batch, self.cfg.kl_weight)
-            return list(torch.autograd.grad(loss, params, allow_unused=True))
-        finally:
-            model.train(was_training)
-
-    def after_backward(self, model, batch, grads: FullGrads | None = None) -> None:
-        """The surgery on the full reduced gradient (`grads`; default: p.grad in one process)."""
-        grads = grads if grads is not None else FullGrads.of(model)
-        ga = self.alignment_gradient(model, self.next_batch(), grads.params)
-        new, facts = project_conflict(grads.get(), ga, self.cfg.eps)
-        if facts["conflict"]:
-            with torch.no_grad():
-                grads.set(new)
-        self.counters["steps"] += 1
-        self.counters["conflicts"] += int(facts["conflict"])
-        self.counters["skipped"] += int(facts["skipped"])
-        self.cos_sum += facts["cos"]
 
     # ---- reporting / persistence -----------------------------------------------------
     def after_domain(self, ctx: Context) -> dict[str, Any]:
@@ -238,3 +213,54 @@ class SafeGrad(Method):
         s = self.counters["steps"]
         return {**self.counters, "conflict_rate": self.counters["conflicts"] / s if s else 0.0,
                 "mean_cos": self.cos_sum / s if s else 0.0, "domains": self.domain_log}
+
+
+class Surgery:
+    """A domain phase's hooks: after backward, the task gradient is projected off the
+    alignment gradient where they conflict. Counts its steps, conflicts, skips and Σ cos over
+    the phase (saved in Train checkpoints; `stats()` goes to `SafeGrad.end_phase`)."""
+
+    def __init__(self, cfg: SafeGradConfig, batches: list[dict[str, torch.Tensor]], start: int = 0) -> None:
+        self.cfg, self.batches, self.start = cfg, batches, start
+        self.counters = {k: 0 for k in COUNTERS}
+        self.cos_sum = 0.0
+
+    def loss(self, model, batch, task_loss):
+        return task_loss
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.batches[(self.start + self.counters["steps"]) % len(self.batches)]
+
+    def alignment_gradient(self, model, batch: dict[str, torch.Tensor],
+                           params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+        """g_a per tensor via autograd.grad (p.grad untouched); eval mode, restored after."""
+        was_training = model.training
+        model.eval()
+        try:
+            loss = alignment_loss(model, batch, self.cfg.kl_weight)
+            return list(torch.autograd.grad(loss, params, allow_unused=True))
+        finally:
+            model.train(was_training)
+
+    def after_backward(self, model, batch, grads: FullGrads | None = None) -> None:
+        """The surgery on the full reduced gradient (`grads`; default: p.grad in one process)."""
+        grads = grads if grads is not None else FullGrads.of(model)
+        ga = self.alignment_gradient(model, self.next_batch(), grads.params)
+        new, facts = project_conflict(grads.get(), ga, self.cfg.eps)
+        if facts["conflict"]:
+            with torch.no_grad():
+                grads.set(new)
+        self.counters["steps"] += 1
+        self.counters["conflicts"] += int(facts["conflict"])
+        self.counters["skipped"] += int(facts["skipped"])
+        self.cos_sum += facts["cos"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counters": dict(self.counters), "cos_sum": self.cos_sum}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counters = {k: int(state["counters"][k]) for k in COUNTERS}
+        self.cos_sum = float(state["cos_sum"])
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "cos_sum": self.cos_sum}

@@ -26,12 +26,12 @@ Their LoRA (r 8, alpha 4) is the run's `lora.*` here.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from safeanchor import seeds
 from safeanchor.config import ConfigError, check
 from safeanchor.methods.base import Context, Method, TrainPhase, register_method
 from safeanchor.models import adapter_weights, reinit_adapter, restore_frozen
@@ -178,14 +178,13 @@ class Vaccine(Method):
         self.aligned = False  # the re-alignment phase has run
         self.frozen: dict[str, dict[str, torch.Tensor]] = {}  # {"vaccine": tensors} when fresh_adapter
         self.record: dict[str, Any] = {}
-        self._live: list[VaccineStep] = []  # hook sets built in this process
 
     def _examples(self, ctx: Context) -> list:
         ex = list(ctx.safety_calib)
         if not ex:
             raise ConfigError("data.safety_calib", "Vaccine re-aligns on the safety calibration set, which is empty")
         if self.cfg.calib_size and len(ex) > self.cfg.calib_size:
-            ex = random.Random(ctx.seed).sample(ex, self.cfg.calib_size)
+            ex = seeds.calib_sample(ctx.seed).sample(ex, self.cfg.calib_size)
         return ex
 
     def train_config(self, ctx: Context):
@@ -208,16 +207,10 @@ class Vaccine(Method):
                 f"(rho {self.cfg.rho}, at each {self.cfg.perturb} output)")
         stats = ctx.train(TrainPhase(examples=examples, cfg=self.train_config(ctx), seed=ctx.seed,
                                      tag="vaccine", hooks="vaccine"))
-        # The "vaccine" phase always trains in this process (in_process_phases): its hooks' counters
-        # (steps, mean ‖∂L/∂h‖, loss gap of the perturbed pass) go into the record here.
-        for h in self._live:
-            h.close()
-            self.record.update(h.stats())
-        self._live = []
         if self.cfg.fresh_adapter:
             self.frozen = {FROZEN: adapter_weights(ctx.model, "default")}
             restore_frozen(ctx.model, self.frozen)
-            reinit_adapter(ctx.model, seed=ctx.seed * 1000 + 999)
+            reinit_adapter(ctx.model, seed=seeds.adapter_reinit(ctx.seed, 999))
         self.aligned = True
         self.record.update({"examples": len(examples), **{f"train_{k}": v for k, v in (stats or {}).items()
                                                           if isinstance(v, (int, float))}})
@@ -228,10 +221,13 @@ class Vaccine(Method):
 
     def phase_hooks(self, ctx: Context, phase: str) -> Any:
         if phase == "vaccine":
-            hooks = VaccineStep(ctx.model, self.cfg.rho, self.cfg.perturb)
-            self._live.append(hooks)
-            return hooks
+            return VaccineStep(ctx.model, self.cfg.rho, self.cfg.perturb)
         return super().phase_hooks(ctx, phase)
+
+    def end_phase(self, ctx: Context, phase: str, stats: dict[str, Any]) -> None:
+        """The re-alignment's counters (steps, mean ‖∂L/∂h‖, loss gap of the perturbed pass)."""
+        if phase == "vaccine":
+            self.record.update(stats)
 
     def after_domain(self, ctx: Context) -> dict[str, Any]:
         return {"vaccine": {k: v for k, v in self.record.items() if isinstance(v, (int, float))}}

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from safeanchor import seeds
 from safeanchor.config import ConfigError, dump_yaml, from_dict, to_dict
 from safeanchor.data import ChatExample, load_examples
 from safeanchor.evaluation import EvalSuite, evaluate, load_extra_files, probe_safety
 from safeanchor.judges import build_judge
 from safeanchor.methods import Context, build_method
-from safeanchor.methods.base import TrainPhase
+from safeanchor.methods.base import TrainPhase, hook_stats
 from safeanchor.models import add_lora, load_model, load_tokenizer, resolve
 from safeanchor.pipeline.config import RunConfig
 from safeanchor.pipeline.store import (
@@ -177,7 +177,7 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir
     src = Sources(world, aligned)
 
     # --- data (all loaded and validated before any training) -------------------------
-    rng = random.Random(cfg.seed)
+    rng = seeds.train_subsample(cfg.seed)
     domain_train = {}
     for d in cfg.data.order:
         xs = src.load(cfg.data.domains[d].train, f"data.domains.{d}.train")
@@ -198,9 +198,9 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir
     # --- model + persistent adapter ----------------------------------------------------
     ref = str(aligned.model_dir) if aligned is not None else resolve(cfg.model.name, toy_paths, "model.name")
     tok_ref = cfg.model.tokenizer or (ref if aligned is not None else cfg.model.name)
-    model_spec = ModelSpec(ref, resolve(tok_ref, toy_paths, "model.tokenizer"), cfg.model, cfg.lora, cfg.seed)
+    model_spec = ModelSpec(ref, resolve(tok_ref, toy_paths, "model.tokenizer"), cfg.model, cfg.lora, seeds.lora_init(cfg.seed))
     tokenizer = load_tokenizer(model_spec.tokenizer, cfg.model.trust_remote_code)
-    model = add_lora(load_model(ref, cfg.model), cfg.lora, cfg.seed)
+    model = add_lora(load_model(ref, cfg.model), cfg.lora, seeds.lora_init(cfg.seed))
     base_ref = resolve(cfg.model.base, toy_paths, "model.base") if cfg.model.base else None
 
     if not resume:
@@ -315,8 +315,10 @@ class Runner:
         if not self.ray or phase.hooks in self.method.in_process_phases:
             torch.manual_seed(phase.seed)  # dropout etc.: a resumed phase replays identically
             hooks = self.method.phase_hooks(self.ctx, phase.hooks)
-            return train_examples(self.model, self.tok, phase.examples, phase.cfg, phase.seed, hooks, phase.tag,
-                                  self.log)
+            stats = train_examples(self.model, self.tok, phase.examples, phase.cfg, phase.seed, hooks, phase.tag,
+                                   self.log)
+            self.method.end_phase(self.ctx, phase.hooks, hook_stats(hooks))
+            return stats
         from safeanchor.distributed.trainer import fit_phase
 
         cfg, ctx = self.cfg, self.ctx
@@ -331,8 +333,7 @@ class Runner:
         out = fit_phase(spec, cfg.cluster, storage_path=self.run_.run_dir.uri("ray"), log=self.log,
                         storage_filesystem=self.run_.run_dir.ray_filesystem())
         load_adapter_bytes(self.model, out.adapter)
-        self.method.load_state_dict(unpack_state(*out.state))
-        self.method.attach(self.ctx)
+        self.method.end_phase(self.ctx, phase.hooks, out.hook_stats)
         return out.stats
 
     def fisher_subspaces(self, examples, rho, k_max, k_fixed, chunk, max_length) -> dict:
@@ -374,7 +375,7 @@ class Runner:
                 self.log(f"[domain {t}/{len(cfg.data.order)}] {d}: {len(ctx.domain_train)} examples, "
                          f"method {cfg.method}")
                 self.step(f"{prefix}/01-before", lambda: {"info": method.before_domain(ctx)}, checkpoint=True)
-                phase = TrainPhase([], cfg.train, cfg.seed * 1000 + t, d, "domain")
+                phase = TrainPhase([], cfg.train, seeds.domain_phase(cfg.seed, t), d, "domain")
                 stats = self.step(f"{prefix}/02-train", lambda phase=phase: self.train_phase(
                     replace(phase, examples=method.training_examples(ctx, ctx.domain_train))), checkpoint=True)
                 gates = []

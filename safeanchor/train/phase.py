@@ -8,7 +8,9 @@ the seed, and the few facts the method's per-phase hooks read (`PhaseContext`). 
 worker calls `build(spec)` and then, once its engine exists, `make_hooks(built, engine.module)`:
 the hooks are built from the model as the engine left it (device, dtype: e.g. bf16 on a GPU),
 so whatever a method caches for the phase lives where the parameters live. Rank 0 returns
-`result(built, model, stats)`.
+`result(built, model, hooks, stats)`: the adapter and what the hooks counted; the driver loads
+the adapter and hands the counts to `method.end_phase` (a phase never changes the method, so
+no method state travels back).
 
 The spec's `name` is `<run_id>-<step>` (the pipeline's durable step name, e.g.
 `lora-seed0-medical-01-medical-02-train`): the Ray Train run of the phase is named after it, so
@@ -24,9 +26,9 @@ from typing import Any
 
 from safeanchor.data import ChatExample
 from safeanchor.methods import build_method
-from safeanchor.methods.base import Context
+from safeanchor.methods.base import Context, hook_stats
 from safeanchor.models import LoraConfig, ModelConfig, add_lora, load_model, load_tokenizer
-from safeanchor.pipeline.store import adapter_bytes, load_adapter_bytes, pack_state, unpack_state
+from safeanchor.pipeline.store import adapter_bytes, load_adapter_bytes, unpack_state
 from safeanchor.train.loop import TrainConfig
 
 
@@ -71,11 +73,11 @@ class PhaseSpec:
 
 @dataclass
 class PhaseResult:
-    """What a phase returns (rank 0): the trained adapter, the method's state after the phase
-    (both as bytes) and the train stats; the pipeline's durable record of the step."""
+    """What a phase returns (rank 0): the trained adapter (bytes), the hooks' `stats()` (for
+    `method.end_phase`) and the train stats; the pipeline's durable record of the step."""
 
     adapter: bytes
-    state: tuple[bytes, bytes]
+    hook_stats: dict[str, Any]
     stats: dict[str, Any]
 
 
@@ -123,13 +125,16 @@ def make_hooks(built: Built, model: Any) -> Any:
     return built.method.phase_hooks(built.ctx, built.spec.hooks)
 
 
-def method_state(built: Built) -> tuple[bytes, bytes]:
-    return pack_state(built.method.state_dict())
+def hooks_state(hooks: Any) -> Any:
+    """The hooks' counters for a Train checkpoint (None: they keep none)."""
+    fn = getattr(hooks, "state_dict", None)
+    return fn() if fn is not None else None
 
 
-def load_method_state(built: Built, state: tuple[bytes, bytes]) -> None:
-    built.method.load_state_dict(unpack_state(*state))
+def load_hooks_state(hooks: Any, state: Any) -> None:
+    if state is not None:
+        hooks.load_state_dict(state)
 
 
-def result(built: Built, model: Any, stats: dict[str, Any]) -> PhaseResult:
-    return PhaseResult(adapter_bytes(model), method_state(built), stats)
+def result(model: Any, hooks: Any, stats: dict[str, Any]) -> PhaseResult:
+    return PhaseResult(adapter_bytes(model), hook_stats(hooks), stats)

@@ -24,7 +24,8 @@ from safeanchor.distributed.ssi import (
     shard_bounds,
     shard_factors,
 )
-from safeanchor.subspace.fisher import fisher_subspace, safety_gradients
+from safeanchor.ssi import safety_gradients
+from safeanchor.subspace.fisher import fisher_subspace
 from safeanchor.train.phase import load_peft_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]

@@ -10,7 +10,7 @@ from tiny import tiny_lora, toy_tokenizer
 from safeanchor.config import ConfigError
 from safeanchor.data import ChatExample, collate, encode_dataset
 from safeanchor.methods import build_method
-from safeanchor.methods.base import Context
+from safeanchor.methods.base import Context, hook_stats
 from safeanchor.methods.ewc import Ewc, EwcConfig, diagonal_fisher
 from safeanchor.models import lora_parameters
 from safeanchor.pipeline.config import RunConfig
@@ -219,9 +219,11 @@ def test_runs_in_the_real_loop(tok):
     ewc.after_domain(ctx)  # Fisher of "domain 1" at the current model: θ* = θ
     ctx.step, ctx.domain = 2, "legal"
     before = {n: p.detach().clone() for n, p in lora_parameters(ctx.model).items()}
+    hooks = ewc.phase_hooks(ctx, "domain")
     stats = train_examples(ctx.model, tok, CALIB + DOMAIN, TrainConfig(max_steps=2, batch_size=4, max_length=32),
-                           0, hooks=ewc.phase_hooks(ctx, "domain"), log=None)
-    assert stats["steps"] == 2
+                           0, hooks=hooks, log=None)
+    assert stats["steps"] == 2 and ewc.state_dict()["penalty"]["n"] == 0  # the hooks count ...
+    ewc.end_phase(ctx, "domain", hook_stats(hooks))  # ... the driver folds it in
     st = ewc.state_dict()["penalty"]
     assert st["n"] == 2 and st["last"] > 0  # step 1 at θ* (0), step 2 after one update (> 0)
     assert any(not torch.equal(before[n], p) for n, p in lora_parameters(ctx.model).items())

@@ -12,10 +12,11 @@ from tiny import tiny_llama, toy_tokenizer, with_lora
 from safeanchor.config import ConfigError
 from safeanchor.data import ChatExample, collate, encode_dataset
 from safeanchor.methods import build_method
-from safeanchor.methods.base import Context
+from safeanchor.methods.base import Context, hook_stats
 from safeanchor.methods.safegrad import (
     SafeGrad,
     SafeGradConfig,
+    Surgery,
     alignment_loss,
     project_conflict,
     reference_logprobs,
@@ -92,10 +93,9 @@ def test_adapter_off_reference_is_the_aligned_model(tok):
 
 def test_kl_term_zero_at_aligned_model_nonzero_after_move(tok):
     ctx, sg, _ = make(tok)
-    sg.phase_hooks(ctx, "domain")
-    params, b = trainable(ctx.model), sg.batches[0]
-    nll_only = SafeGrad(SafeGradConfig(kl_weight=0.0))
-    with_kl = SafeGrad(SafeGradConfig(kl_weight=5.0))
+    params, b = trainable(ctx.model), sg.phase_hooks(ctx, "domain").batches[0]
+    nll_only = SafeGrad(SafeGradConfig(kl_weight=0.0)).phase_hooks(ctx, "domain")
+    with_kl = SafeGrad(SafeGradConfig(kl_weight=5.0)).phase_hooks(ctx, "domain")
     assert float(alignment_loss(ctx.model, b, 5.0)) == pytest.approx(float(alignment_loss(ctx.model, b, 0.0)),
                                                                      abs=1e-6)
     g0, g5 = flat(nll_only.alignment_gradient(ctx.model, b, params)), flat(with_kl.alignment_gradient(ctx.model,
@@ -116,37 +116,37 @@ def _set_grads(params, grads):
 def test_conflicting_gradient_is_projected_to_orthogonal(tok):
     ctx, sg, _ = make(tok)
     move(ctx.model)
-    sg.phase_hooks(ctx, "domain")
+    h = sg.phase_hooks(ctx, "domain")
     ctx.model.train()
     params = trainable(ctx.model)
-    ga = sg.alignment_gradient(ctx.model, sg.next_batch(), params)
+    ga = h.alignment_gradient(ctx.model, h.next_batch(), params)
     assert all(g is not None for g in ga)
     gen = torch.Generator().manual_seed(5)
     gu = [-a + 0.3 * a.abs().mean() * torch.randn(a.shape, generator=gen) for a in ga]  # conflicting
     assert float(flat(gu) @ flat(ga)) < 0
     _set_grads(params, gu)
-    sg.after_backward(ctx.model, None)
+    h.after_backward(ctx.model, None)
     new = [p.grad for p in params]
     A, U = flat(ga), flat(gu)
     assert abs(float(flat(new) @ A)) <= 1e-6 * float(U.norm() * A.norm())  # ⟨g_u', g_a⟩ = 0
     torch.testing.assert_close(flat(new), U - (U @ A) / (A @ A) * A, rtol=1e-5, atol=1e-9)
-    assert sg.counters == {"steps": 1, "conflicts": 1, "skipped": 0}
+    assert h.counters == {"steps": 1, "conflicts": 1, "skipped": 0}
     assert ctx.model.training  # mode restored
 
 
 def test_non_conflicting_gradient_is_left_exactly_untouched(tok):
     ctx, sg, _ = make(tok)
     move(ctx.model)
-    sg.phase_hooks(ctx, "domain")
+    h = sg.phase_hooks(ctx, "domain")
     params = trainable(ctx.model)
-    ga = sg.alignment_gradient(ctx.model, sg.next_batch(), params)
+    ga = h.alignment_gradient(ctx.model, h.next_batch(), params)
     gen = torch.Generator().manual_seed(6)
     gu = [a + 0.3 * a.abs().mean() * torch.randn(a.shape, generator=gen) for a in ga]
     assert float(flat(gu) @ flat(ga)) > 0
     _set_grads(params, gu)
-    sg.after_backward(ctx.model, None)
+    h.after_backward(ctx.model, None)
     assert all(torch.equal(p.grad, g) for p, g in zip(params, gu, strict=True))
-    assert sg.counters == {"steps": 1, "conflicts": 0, "skipped": 0}
+    assert h.counters == {"steps": 1, "conflicts": 0, "skipped": 0}
 
 
 def test_project_conflict_by_hand_with_missing_tensors():
@@ -164,30 +164,34 @@ def test_project_conflict_by_hand_with_missing_tensors():
 
 def test_batches_cycle_counters_and_state(tok):
     ctx, sg, _ = make(tok, align_batch=2)  # 5 examples -> batches of 2, 2, 1
-    sg.phase_hooks(ctx, "domain")
-    assert [b["input_ids"].shape[0] for b in sg.batches] == [2, 2, 1]
+    h = sg.phase_hooks(ctx, "domain")
+    assert [b["input_ids"].shape[0] for b in h.batches] == [2, 2, 1]
     seen = []
     for _ in range(4):
-        seen.append(sg.next_batch()["input_ids"].shape[0])
+        seen.append(h.next_batch()["input_ids"].shape[0])
         for p in trainable(ctx.model):
             p.grad = torch.zeros_like(p)
-        sg.after_backward(ctx.model, None)
-    assert seen == [2, 2, 1, 2] and sg.counters["steps"] == 4
+        h.after_backward(ctx.model, None)
+    assert seen == [2, 2, 1, 2] and h.counters["steps"] == 4 and sg.counters["steps"] == 0  # the hooks count
+    restarted = sg.phase_hooks(ctx, "domain")  # a worker restarted from a checkpoint of h
+    restarted.load_state_dict(h.state_dict())
+    assert torch.equal(restarted.next_batch()["input_ids"], h.next_batch()["input_ids"])
+    sg.end_phase(ctx, "domain", h.stats())  # the driver folds the phase's counts in
+    assert sg.counters["steps"] == 4
     fresh = SafeGrad(SafeGradConfig(align_batch=2))
-    fresh.load_state_dict(sg.state_dict())
-    fresh.phase_hooks(ctx, "domain")
-    assert torch.equal(fresh.next_batch()["input_ids"], sg.next_batch()["input_ids"])
+    fresh.load_state_dict(sg.state_dict())  # the next phase, in a fresh process
+    assert torch.equal(fresh.phase_hooks(ctx, "domain").next_batch()["input_ids"], h.next_batch()["input_ids"])
     info = sg.after_domain(ctx)
     assert info["steps"] == 4 and sg.after_domain(ctx)["steps"] == 0  # per-domain deltas
     assert sg.summary()["steps"] == 4
 
 
-def test_needs_phase_hooks_and_config_errors(tok):
+def test_phase_hooks_and_config_errors(tok):
     ctx, sg, _ = make(tok)
-    for p in trainable(ctx.model):
-        p.grad = torch.zeros_like(p)
-    with pytest.raises(RuntimeError, match="phase_hooks"):
-        sg.after_backward(ctx.model, None)
+    h = sg.phase_hooks(ctx, "domain")
+    assert isinstance(h, Surgery) and h is not sg  # the hooks, not the method, do the surgery
+    with pytest.raises(ValueError, match="replay"):
+        sg.phase_hooks(ctx, "replay")
     with pytest.raises(ConfigError, match=r"methods\.safegrad\.align_batch"):
         build_method("safegrad", {"align_batch": 0})
     with pytest.raises(ConfigError, match=r"methods\.safegrad\.kl_weight"):
@@ -199,18 +203,19 @@ def test_runs_in_the_real_loop(tok):
     move(ctx.model)
     hooks = sg.phase_hooks(ctx, "domain")
     dots = []
-    orig = sg.after_backward
+    orig = hooks.after_backward
 
     def checked(model, batch, grads=None):  # after the surgery, the gradient never opposes g_a
-        b = sg.next_batch()
+        b = hooks.next_batch()
         orig(model, batch, grads)
         params = trainable(model)
-        ga = flat(sg.alignment_gradient(model, b, params))
+        ga = flat(hooks.alignment_gradient(model, b, params))
         g = flat([p.grad for p in params])
         dots.append(float(g @ ga) / float(g.norm() * ga.norm()))
 
-    sg.after_backward = checked
+    hooks.after_backward = checked
     stats = train_examples(ctx.model, tok, DOMAIN + CALIB, TrainConfig(max_steps=2, batch_size=4, max_length=32),
                            0, hooks=hooks, log=None)
     assert stats["steps"] == 2 and len(dots) == 2 and min(dots) >= -1e-6
+    sg.end_phase(ctx, "domain", hook_stats(hooks))
     assert sg.state_dict()["counters"]["steps"] == 2

@@ -7,7 +7,7 @@ from tiny import tiny_lora, toy_tokenizer
 
 from safeanchor.data import ChatExample, collate, encode_dataset
 from safeanchor.methods import build_method
-from safeanchor.methods.base import Context, TrainPhase
+from safeanchor.methods.base import Context, TrainPhase, hook_stats
 from safeanchor.methods.vaccine import Vaccine, VaccineConfig, VaccineStep, perturbed_modules
 from safeanchor.models import lora_parameters
 from safeanchor.pipeline.config import RunConfig
@@ -142,12 +142,13 @@ def test_hooks_idle_in_eval_mode(tok):
 
 
 def driver_train(ctx, method, phases):
-    """What the pipeline's ctx.train does in one process: phase hooks, train, merge phase state."""
+    """What the pipeline's ctx.train does in one process: phase hooks, train, end_phase with their stats."""
     def train(phase: TrainPhase):
         phases.append(phase)
         hooks = method.phase_hooks(ctx, phase.hooks)
         stats = train_examples(ctx.model, ctx.tokenizer, phase.examples, phase.cfg, phase.seed, hooks=hooks,
                                tag=phase.tag, log=None)
+        method.end_phase(ctx, phase.hooks, hook_stats(hooks))
         phases.append({k: v.detach().clone() for k, v in
                        get_peft_model_state_dict(ctx.model, adapter_name="default").items()})
         return stats

@@ -10,8 +10,8 @@ from safeanchor.methods.base import Context
 from safeanchor.methods.safeanchor import SafeAnchor, SafeAnchorConfig, _Replay, alphas_from_traces
 from safeanchor.models import lora_parameters
 from safeanchor.pipeline.config import RunConfig
+from safeanchor.ssi import safety_subspaces
 from safeanchor.subspace.anchor import anchor_kl, response_nll
-from safeanchor.subspace.fisher import safety_subspaces
 from safeanchor.train.loop import GradHooks
 
 CALIB = [
@@ -121,7 +121,7 @@ def test_anchor_gradient_zero_at_reference_nonzero_after_move_and_not_projected(
     _move_B(ctx.model)  # B off zero first, so that the subspace is non-trivial for every tensor
     sa.before_domain(ctx)
     hooks = sa.phase_hooks(ctx, "domain")  # caches p_{θ_{t-1}} at the current θ
-    batch, ref = sa._anchor_batches[0], sa._anchor_ref[0]
+    batch, ref = hooks.batches[0], hooks.ref[0]
     ctx.model.zero_grad()
     anchor_kl(ctx.model, batch, ref).backward()
     at_ref = _grads(ctx.model)
@@ -136,7 +136,7 @@ def test_anchor_gradient_zero_at_reference_nonzero_after_move_and_not_projected(
     assert max(g.abs().max().item() for g in raw.values()) > 1e-4
 
     # In a training step with a zero task gradient, what remains is the anchor gradient, unprojected.
-    sa._anchor_i = 0
+    hooks.anchor_i = 0
     zero = {n: torch.zeros_like(p) for n, p in lora_parameters(ctx.model).items()}
     after = _backward_through_hooks(ctx.model, hooks, batch, zero)
     for n in raw:
@@ -151,21 +151,22 @@ def test_anchor_every_k_steps_weighted_k(tok):
     sa.setup(ctx)
     _move_B(ctx.model)
     sa.before_domain(ctx)
-    sa.phase_hooks(ctx, "domain")
+    h = sa.phase_hooks(ctx, "domain")
     with torch.no_grad():
         for p in lora_parameters(ctx.model).values():
             p.add_(0.05 * torch.randn_like(p))
-    got = [sa.unprojected_loss(ctx.model, None) for _ in range(7)]
+    got = [h.unprojected_loss(ctx.model, None) for _ in range(7)]
     assert [g is not None for g in got] == [True, False, False, True, False, False, True]
     for step, b in ((0, 0), (3, 1), (6, 2)):
-        b %= len(sa._anchor_batches)
-        want = 1.5 * anchor_kl(ctx.model, sa._anchor_batches[b], sa._anchor_ref[b])
+        b %= len(h.batches)
+        want = 1.5 * anchor_kl(ctx.model, h.batches[b], h.ref[b])
         assert float(want) > 0
         torch.testing.assert_close(got[step], want)
-    state = sa.state_dict()
-    assert state["anchor_step"] == 7 and state["anchor_i"] == 3
-    sa.phase_hooks(ctx, "domain")  # a new domain phase restarts the count
-    assert sa.unprojected_loss(ctx.model, None) is not None
+    assert h.state_dict() == {"step": 7, "anchor_i": 3} and "anchor_i" not in sa.state_dict()  # the hooks count
+    restarted = sa.phase_hooks(ctx, "domain")  # a worker restarted from a checkpoint of h
+    restarted.load_state_dict(h.state_dict())
+    assert [restarted.unprojected_loss(ctx.model, None) is not None for _ in range(3)] == [False, False, True]
+    assert sa.phase_hooks(ctx, "domain").unprojected_loss(ctx.model, None) is not None  # a new phase: step 0
 
 
 def test_anchor_kinds_selects_calibration_examples(tok):
@@ -177,13 +178,12 @@ def test_anchor_kinds_selects_calibration_examples(tok):
     ctx.safety_calib = [replace(e, meta={"kind": "harmful" if "sorry" in e.response else "benign"}) for e in CALIB]
     sa.setup(ctx)
     sa.before_domain(ctx)
-    sa.phase_hooks(ctx, "domain")
-    assert len(sa._anchor_batches) == 1 and sa._anchor_batches[0]["input_ids"].shape[0] == 2  # the 2 refusals
+    h = sa.phase_hooks(ctx, "domain")
+    assert len(h.batches) == 1 and h.batches[0]["input_ids"].shape[0] == 2  # the 2 refusals
     _, every = make_ctx(tok, anchor_batch=8)
     every.setup(ctx)
     every.before_domain(ctx)
-    every.phase_hooks(ctx, "domain")
-    assert every._anchor_batches[0]["input_ids"].shape[0] == 4
+    assert every.phase_hooks(ctx, "domain").batches[0]["input_ids"].shape[0] == 4
     _, none = make_ctx(tok, anchor_kinds=["jailbreak"])
     none.before_domain(ctx)
     with pytest.raises(ConfigError, match=r"anchor_kinds.*kinds present: \['benign', 'harmful'\]"):
@@ -193,9 +193,9 @@ def test_anchor_kinds_selects_calibration_examples(tok):
 def _check_projected(sa, before, after):
     assert sa._proj, "no tensor has a subspace: the test would be void"
     changed = False
-    for n, (V, one_minus_alpha) in sa._proj.items():
+    for n, (V, alpha) in sa._proj.items():
         lhs = V.T @ after[n].reshape(-1)
-        rhs = (1 - one_minus_alpha) * (V.T @ before[n].reshape(-1))
+        rhs = alpha * (V.T @ before[n].reshape(-1))
         torch.testing.assert_close(lhs, rhs, atol=1e-5, rtol=1e-4)
         changed |= not torch.equal(before[n], after[n])
     assert changed
@@ -236,14 +236,12 @@ def test_batched_projection_equals_per_tensor_hooks_with_the_anchor_added_after(
             p.add_(0.05 * torch.randn_like(p))
     assert any(len(names) > 1 and len({sa._proj[x][0].shape[1] for x in names}) > 1 for names, _, _ in sa._groups)
     g = {n: torch.randn_like(p) for n, p in lora_parameters(ctx.model).items()}
-    sa._anchor_i = sa._anchor_step = 0
     per_tensor = _backward_through_hooks(ctx.model, hooks, None, g)
-    sa._anchor_i = sa._anchor_step = 0
+    hooks.anchor_i = hooks.step = 0
     batched = _backward_through_hooks(ctx.model, hooks, None, g, batched=True)
     for n in per_tensor:
         torch.testing.assert_close(batched[n], per_tensor[n], atol=1e-6, rtol=1e-5)
-    sa._anchor_i = sa._anchor_step = 0
-    no_anchor = _backward_through_hooks(ctx.model, _Replay(sa), None, g, batched=True)  # projection only
+    no_anchor = _backward_through_hooks(ctx.model, _Replay(sa, []), None, g, batched=True)  # projection only
     assert any(not torch.allclose(no_anchor[n], batched[n]) for n in batched)  # the anchor term was there
 
 
@@ -259,7 +257,7 @@ def test_replay_phase_runs_in_the_training_loop(tok):
     before = {n: p.detach().clone() for n, p in lora_parameters(ctx.model).items()}
     stats = train_examples(ctx.model, tok, CALIB, TrainConfig(max_steps=2, batch_size=2, max_length=32), 0,
                            hooks=hooks, log=None)
-    assert stats["steps"] == 2 and sa._safety_i == 2  # one safety batch per step
+    assert stats["steps"] == 2 and hooks.stats() == {"steps": 2}  # one safety batch per step
     assert any(not torch.equal(before[n], p) for n, p in lora_parameters(ctx.model).items())
 
 
