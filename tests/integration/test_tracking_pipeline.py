@@ -157,8 +157,8 @@ def test_failed_pipeline_ends_runs_failed(tmp_path, cache, monkeypatch):
 
 def test_resume_continues_the_same_parent_run(tracked):
     """--resume reopens the pipeline run's MLflow parent (and the domain's child) instead of a
-    new one, and logs only what the interrupted execution had not logged: here the last
-    domain's tracking step is made unfinished (a kill between its eval and its tracking)."""
+    new one, and logs again only the tracking steps without a marker: here the last domain's
+    (as if the driver died after logging it, before its marker: tracking is at-least-once)."""
     client, s, storage, run_dir = tracked["client"], tracked["summary"], tracked["storage"], tracked["run_dir"]
     exp = client.get_run(s["mlflow_run_id"]).info.experiment_id
     children_before = {c.info.run_name: c.info.run_id for c in _children(client, client.get_run(s["mlflow_run_id"]))}
@@ -176,5 +176,5 @@ def test_resume_continues_the_same_parent_run(tracked):
     children = {c.info.run_name: c.info.run_id for c in _children(client, parent)}
     assert children == children_before  # no new child for either domain
     hist = client.get_metric_history(parent.info.run_id, "safety")
-    assert sorted(m.step for m in hist) == [0, 1, 2]  # step 2 logged once, steps 0-1 not again
+    assert sorted(m.step for m in hist) == [0, 1, 2, 2]  # step 2 logged again, steps 0 and 1 not
     assert again["executions"][-1] == "02-legal/92-track"
