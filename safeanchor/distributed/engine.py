@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 
 from safeanchor.config import ConfigError
 from safeanchor.train.loop import TrainConfig, make_scheduler
+
+CKPT_TAG = "phase"  # the DeepSpeed checkpoint tag inside a Train checkpoint directory
 
 
 def prepare_deepspeed(use_gpu: bool) -> Any:
@@ -86,6 +90,38 @@ class DeepSpeedStepEngine:
         from deepspeed.utils import safe_set_full_grad
 
         safe_set_full_grad(p, g)
+
+    def save_checkpoint(self, d: str, client: dict[str, Any]) -> None:
+        """This rank's part: trainable tensors, its ZeRO optimizer partition, the LambdaLR, `client`."""
+        self.engine.save_checkpoint(d, tag=CKPT_TAG, client_state=client, exclude_frozen_parameters=True)
+
+    def load_checkpoint(self, d: str) -> dict[str, Any]:
+        path, client = self.engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=False,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None or client is None:
+            raise RuntimeError(f"checkpoint {d} holds no DeepSpeed state under tag {CKPT_TAG!r}")
+        return client
+
+    @contextmanager
+    def final_weights(self) -> Iterator[None]:
+        """The trained weights in the module, full and float32, for the adapter to be read:
+        ZeRO-3 gathers the partitioned tensors; under bf16 the module holds bf16 copies and the
+        trained weights are DeepSpeed's fp32 master weights, written into the module here.
+        Collectives: every rank enters."""
+        ctx = nullcontext()
+        if self.stage == 3:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=None)
+        with ctx:
+            if self.engine.bfloat16_enabled():
+                from deepspeed.utils import safe_get_full_fp32_param
+
+                for p in self.params:
+                    full = safe_get_full_fp32_param(p)
+                    if full is not None:
+                        p.data = full.detach().to(p.device).reshape(p.shape).clone()
+            yield
 
 
 def check_divisible(batch_size: int, world: int) -> None:

@@ -32,7 +32,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -56,7 +55,6 @@ from safeanchor.train.phase import (
 
 #: errors that a worker-group restart would only repeat: returned by workers, raised by fit_phase
 NON_RETRYABLE = (ConfigError, DataError, NonFiniteLoss)
-CKPT_TAG = "phase"
 
 
 def ensure_ray(cluster: ClusterConfig) -> None:
@@ -227,39 +225,17 @@ def _train_rank(spec: PhaseSpec, cluster: ClusterConfig, use_gpu: bool, ds: dict
                      log=_worker_log if rank == 0 else None, tag=spec.tag)
     stats["zero_stage"] = None if ds is None else engine.stage
     stats["bf16"] = bf16
-    with _gathered(engine):  # collective under ZeRO-3: every rank enters
-        _master_weights(engine, bf16)  # collective under ZeRO-1/2 with bf16: every rank enters
+    with engine.final_weights():  # collective (ZeRO-3 gather, bf16 master weights): every rank enters
         # where a worker's time went (epoch seconds for worker_start, so the driver can time the launch)
         stats["timing"] = {"worker_start": t_start, "build_s": t_built - t_start, "engine_s": t_engine - t_built,
                            "end": time.time()}
         return {"result": result(engine.module, hooks, stats)} if rank == 0 else {}
 
 
-def _master_weights(engine: Any, bf16: bool) -> None:
-    """Under bf16 the module holds bf16 copies; the trained adapter is DeepSpeed's fp32 master
-    weights: put them into the module (float32) before the adapter is serialised."""
-    if not bf16 or not isinstance(engine, DeepSpeedStepEngine):
-        return
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    for p in engine.params:
-        full = safe_get_full_fp32_param(p)
-        if full is not None:
-            p.data = full.detach().to(p.device).reshape(p.shape).clone()
-
-
 def _worker_log(msg: str) -> None:
     # Ray Train patches print() in workers to tee into its logger, which shows every line twice
     # on the driver; its logger alone shows it once.
     logging.getLogger().info(msg)
-
-
-def _gathered(engine: Any):
-    if isinstance(engine, DeepSpeedStepEngine) and engine.stage == 3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(engine.params, modifier_rank=None)
-    return nullcontext()
 
 
 def _save(engine: Any, hooks: Any, step: int, losses: list[float], rank: int) -> None:
@@ -271,12 +247,7 @@ def _save(engine: Any, hooks: Any, step: int, losses: list[float], rank: int) ->
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(rng, f"{d}/rng_rank{rank}.pt")
-        if isinstance(engine, DeepSpeedStepEngine):
-            engine.engine.save_checkpoint(d, tag=CKPT_TAG, client_state=client, exclude_frozen_parameters=True)
-        else:
-            trainable = {n: p.detach().cpu() for n, p in engine.module.named_parameters() if p.requires_grad}
-            torch.save({"module": trainable, "optimizer": engine.opt.state_dict(),
-                        "scheduler": engine.sched.state_dict(), **client}, f"{d}/torch_state.pt")
+        engine.save_checkpoint(d, client)
         ray.train.report({"step": step, "loss": losses[-1]}, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"step_{step:08d}")
     # Reports are registered by the controller asynchronously: without this wait, a worker that
@@ -290,18 +261,6 @@ def _load(engine: Any, ckpt: Any, hooks: Any, rank: int) -> tuple[int, list[floa
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        if isinstance(engine, DeepSpeedStepEngine):
-            path, client = engine.engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=False,
-                                                         load_optimizer_states=True, load_lr_scheduler_states=True)
-            if path is None or client is None:
-                raise RuntimeError(f"checkpoint {d} holds no DeepSpeed state under tag {CKPT_TAG!r}")
-        else:
-            client = torch.load(f"{d}/torch_state.pt", weights_only=False)
-            params = dict(engine.module.named_parameters())
-            with torch.no_grad():
-                for n, t in client["module"].items():
-                    params[n].copy_(t)
-            engine.opt.load_state_dict(client["optimizer"])
-            engine.sched.load_state_dict(client["scheduler"])
+        client = engine.load_checkpoint(d)
     load_hooks_state(hooks, client["hooks"])
     return int(client["step"]), list(client["losses"])

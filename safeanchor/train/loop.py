@@ -44,6 +44,7 @@ With W data-parallel ranks (Ray Train):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -234,6 +235,27 @@ class FullGrads:
                 p.grad.copy_(g)
 
 
+class StepEngine(Protocol):
+    """What the loop and the Train worker need from an engine (`TorchStepEngine` here,
+    `safeanchor.distributed.engine.DeepSpeedStepEngine` on Ray Train workers)."""
+
+    module: torch.nn.Module  # the model, on `device`, in the engine's dtype
+    device: torch.device
+    params: list[torch.nn.Parameter]  # the trainable tensors
+    batched: bool  # p.grad is the whole gradient after backward (one process, plain torch)
+    stage: int | None  # ZeRO stage (None: no DeepSpeed)
+
+    def forward(self, **kw: Any) -> Any: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...  # clip ; optimizer ; scheduler ; zero grads
+    def lr(self) -> float: ...
+    def full_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None: ...
+    def set_full_grad(self, p: torch.nn.Parameter, g: torch.Tensor) -> None: ...
+    def save_checkpoint(self, d: str, client: dict[str, Any]) -> None: ...
+    def load_checkpoint(self, d: str) -> dict[str, Any]: ...
+    def final_weights(self) -> contextlib.AbstractContextManager: ...  # trained weights in `module`
+
+
 class TorchStepEngine:
     """One process, plain torch: AdamW, `make_scheduler`'s LambdaLR, torch's grad-norm clip.
 
@@ -279,6 +301,27 @@ class TorchStepEngine:
         else:
             p.grad.copy_(g)
 
+    def save_checkpoint(self, d: str, client: dict[str, Any]) -> None:
+        """Trainable tensors, AdamW and LambdaLR state, and `client`, into directory d."""
+        trainable = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
+        torch.save({"module": trainable, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "client": client}, f"{d}/torch_state.pt")
+
+    def load_checkpoint(self, d: str) -> dict[str, Any]:
+        """Puts a `save_checkpoint` back; returns its `client`."""
+        state = torch.load(f"{d}/torch_state.pt", weights_only=False)
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for n, t in state["module"].items():
+                params[n].copy_(t)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        return state["client"]
+
+    def final_weights(self) -> contextlib.AbstractContextManager:
+        """The trained weights are the module's own."""
+        return contextlib.nullcontext()
+
 
 def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> tuple[dict[str, torch.Tensor], bool]:
     """Rank `rank`'s rows of a global batch (as even as possible); (placeholder row, False) if none."""
@@ -314,7 +357,7 @@ def batches_from(make_epoch: Callable[[int], Iterator[dict]], per_epoch: int, st
 
 
 def run_loop(
-    engine: Any,
+    engine: StepEngine,
     batches: Iterator[dict[str, torch.Tensor]],
     steps: int,
     cfg: TrainConfig,
