@@ -184,17 +184,16 @@ def test_caches_built_on_the_parameters_device_and_dtype(sa, world, device):
     b = live(spec)
     model = b.model.to(device=device, dtype=torch.bfloat16)
     hooks = b.method.phase_hooks(b.ctx, "domain")
-    assert hooks is b.method
     p = next(p for p in model.parameters() if p.requires_grad)
     assert b.method._proj and all(V.device == p.device and V.dtype == p.dtype for V, _ in b.method._proj.values())
-    assert all(t.device == p.device for batch in b.method._anchor_batches for t in batch.values())
-    assert all(r.device == p.device and r.dtype == torch.float32 for r in b.method._anchor_ref)
-    b.method.phase_hooks(b.ctx, "replay")
-    assert all(t.device == p.device for batch in b.method._safety_batches for t in batch.values())
+    assert all(t.device == p.device for batch in hooks.batches for t in batch.values())
+    assert all(r.device == p.device and r.dtype == torch.float32 for r in hooks.ref)
+    replay = b.method.phase_hooks(b.ctx, "replay")
+    assert all(t.device == p.device for batch in replay.batches for t in batch.values())
     g = live(safegrad_spec(world, "sg", SG))
     g.model.to(device=device, dtype=torch.bfloat16)
-    g.method.phase_hooks(g.ctx, "domain")
-    assert all(t.device == p.device for batch in g.method.batches for t in batch.values())
+    surgery = g.method.phase_hooks(g.ctx, "domain")
+    assert all(t.device == p.device for batch in surgery.batches for t in batch.values())
 
 
 def test_cluster_config_errors_name_the_key():
