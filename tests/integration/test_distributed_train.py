@@ -57,7 +57,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 PRESETS = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed"
 ATOL = 2e-6  # the LoRA update is ~1e-2; distributed and single-process agree to ~1e-7
-BF16_COS = 0.9  # bf16 vs fp32: cosine of the two updates (see assert_bf16_close)
+BF16_COS = 0.99  # bf16 vs fp32: cosine of the two updates (measured 0.9995-0.9999; see assert_bf16_close)
 # SafeAnchor with every part engaged on the tiny model: full projection of a rank-2 subspace per
 # tensor (strict: alpha = 0), a strong anchor, 3 anchor examples per step
 SA = {"strict": True, "k_max": 2, "gamma": 5.0, "anchor_batch": 3, "replay_steps": 4, "replay_batch": 4,
@@ -146,7 +146,7 @@ def assert_bf16_close(out: PhaseResult, ref: PhaseResult, start: bytes, label: s
     cos = float(d_got @ d_want / (d_got.norm() * d_want.norm()))
     ratio = float(d_got.norm() / d_want.norm())
     TIMES[f"bf16_{label}_cos"], TIMES[f"bf16_{label}_norm_ratio"] = cos, ratio
-    assert cos > BF16_COS and abs(ratio - 1) < 0.2, (cos, ratio)
+    assert cos > BF16_COS and abs(ratio - 1) < 0.02, (cos, ratio)  # measured |ratio - 1| <= 0.0006
 
 
 # ------------------------------------------------------------------- no Ray: cheap checks first
