@@ -34,7 +34,7 @@ class DeepSpeedConfig:
     enabled: bool = field(default=True, metadata={"doc": "train through a DeepSpeed engine (false: plain torch loop, one process only)"})
     zero_stage: int | None = field(default=None, metadata={"doc": "ZeRO stage 0..3 (null: the config_file's stage, else 2); >= 1 shards optimizer state, >= 2 gradients"})
     config_file: str | None = field(default=None, metadata={"doc": "base DeepSpeed JSON (cluster/deepspeed/zero*.json); the fields here and the train config override it"})
-    bf16: bool | str = field(default="auto", metadata={"doc": "auto (bf16 where the GPU supports it; fp32 on CPU) | true | false"})
+    bf16: bool | str = field(default="auto", metadata={"doc": "auto (bf16 where the GPU supports it; fp32 on CPU) | true (also on CPU, through DeepSpeed's CPU accelerator: slow, for checking the bf16 path) | false"})
     overlap_comm: bool | None = field(default=None, metadata={"doc": "overlap gradient reduction with backward (null: file / DeepSpeed default)"})
     reduce_bucket_size: int | None = field(default=None, metadata={"doc": "elements per gradient reduction bucket (null: file / DeepSpeed default 5e8)"})
     allgather_bucket_size: int | None = field(default=None, metadata={"doc": "elements per parameter all-gather bucket, ZeRO-1/2 (null: file / DeepSpeed default 5e8)"})
