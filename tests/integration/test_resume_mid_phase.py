@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cluster import _env, head  # noqa: F401  (the `ray start --head` cluster fixture)
+from test_cluster import cluster  # noqa: F401  (a `ray start --head` cluster, token auth on)
 from test_resume import assert_resumed_like_reference
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,9 +31,9 @@ def _argv(storage: Path, cache: Path, run_id: str) -> list[str]:
             "--set", "methods.safeanchor.csm=false"]
 
 
-def test_driver_killed_mid_phase_resumes_from_the_train_checkpoint(head, tmp_path):  # noqa: F811
+def test_driver_killed_mid_phase_resumes_from_the_train_checkpoint(cluster, tmp_path):  # noqa: F811
     storage, cache = tmp_path / "runs", tmp_path / "cache"
-    env = dict(_env(), RAY_ADDRESS=head["gcs"])
+    env = dict(cluster["env"], RAY_ADDRESS=cluster["gcs"])  # a driver on the head node, with its token
     script = str(ROOT / "workflows" / "sequential.py")
 
     def job(args: list[str]) -> None:
