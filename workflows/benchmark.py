@@ -2,12 +2,20 @@
 
     python workflows/benchmark.py --out runs/benchmark.json          # toy preset
     python workflows/benchmark.py --config workflows/configs/tiny.yaml --steps 5
+    python workflows/benchmark.py --executors --out runs/executors.json   # Ray vs in-process
 
 Times (median of interleaved repeats) of: a plain LoRA step, a LoRA step + OSCA projection
 (batched after backward, as in-process; and as per-tensor gradient hooks, as on DeepSpeed),
 a full SafeAnchor step (projection + anchor loss); SSI wall time against one domain's
 training wall time; peak resident memory added during SSI. Ratios, not absolute seconds,
 are the figures to read: the machine is shared and noisy.
+
+`--executors`: the whole default run (`workflows/sequential.py` with the preset, method and seed
+given) with `cluster.executor=local` and with `cluster.executor=ray`, in alternating subprocesses
+(`--rounds` pairs, median wall time), each in a fresh storage directory; writes
+`ratio_ray_local` (median ray / median local wall time), the wall times of every run, and
+whether the two executors gave the same scores (`scores_equal`, `max_score_diff` over every
+per-step metric of summary.json).
 """
 
 from __future__ import annotations
@@ -28,10 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds, median taken (default 5; --executors: 1 pair)")
     p.add_argument("--ssi-repeats", type=int, default=3, help="SSI runs (median taken; RSS from the first)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--executors", action="store_true",
+                   help="time the whole run under executor local and ray (subprocesses) instead of steps")
+    p.add_argument("--method", default=None, help="--executors: the run's method (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="--executors: the run's seed")
     args = p.parse_args(argv)
+    if args.executors:
+        return executors(args)
+    args.rounds = args.rounds or 5
 
     import psutil
     import torch
@@ -136,6 +152,91 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2))
     return 0
+
+
+def executors(args: argparse.Namespace) -> int:
+    """The same run under both executors, side by side in one script; see the module doc."""
+    import os
+    import subprocess
+    import tempfile
+
+    seq = Path(__file__).resolve().parent / "sequential.py"
+    rounds = max(1, args.rounds or 1)
+    walls: dict[str, list[float]] = {"local": [], "ray": []}
+    summaries: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="sa-executors-") as tmp:
+        for r in range(rounds):
+            for executor in ("local", "ray"):
+                storage = Path(tmp) / f"{executor}{r}"
+                cmd = [sys.executable, str(seq), "--config", args.config, "--seed", str(args.seed),
+                       "--storage", str(storage), "--run-id", "run", "--set", f"cluster.executor={executor}"]
+                if args.method:
+                    cmd += ["--method", args.method]
+                for o in args.overrides:
+                    cmd += ["--set", o]
+                print(f"[executors] round {r + 1}/{rounds}: {executor}", flush=True)
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    print(proc.stdout[-4000:] + proc.stderr[-4000:], file=sys.stderr)
+                    print(f"error: the {executor} run exited with {proc.returncode}: {' '.join(cmd)}",
+                          file=sys.stderr)
+                    return 1
+                walls[executor].append(wall)
+                summaries.setdefault(executor, json.loads((storage / "run" / "summary.json").read_text()))
+                print(f"[executors]   {wall:.1f} s", flush=True)
+    diffs = score_diffs(summaries["local"], summaries["ray"])
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    out = {
+        "ratio_ray_local": med["ray"] / med["local"],
+        "local_wall_s": med["local"], "ray_wall_s": med["ray"],
+        "local_runs_s": walls["local"], "ray_runs_s": walls["ray"],
+        "scores_equal": all(d == 0 for d in diffs.values()),
+        "max_score_diff": max(diffs.values(), default=0.0),
+        "score_diffs": {k: v for k, v in diffs.items() if v},
+        "config": args.config, "method": summaries["local"].get("method"), "seed": args.seed,
+        "overrides": args.overrides, "rounds": rounds, "cpus": os.cpu_count(),
+    }
+    print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def score_diffs(a: dict, b: dict) -> dict[str, float]:
+    """|a - b| for every numeric metric the two summaries share (per-step lists and per-domain
+    tables flattened as key[i] / key.domain[i]); wall times and ids are not scores."""
+    skip = {"wall_s", "seed", "mlflow_run_id", "mlflow_tracking_uri", "executions", "steps", "method_state",
+            "warnings"}
+
+    def flat(d: dict, prefix: str = "") -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k, v in d.items():
+            if not prefix and k in skip:
+                continue
+            key = f"{prefix}{k}"
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, (int, float)):
+                out[key] = float(v)
+            elif isinstance(v, list):
+                for i, x in enumerate(v):
+                    if isinstance(x, (int, float)) and not isinstance(x, bool):
+                        out[f"{key}[{i}]"] = float(x)
+            elif isinstance(v, dict):
+                out.update(flat(v, key + "."))
+        return out
+
+    fa, fb = flat(a), flat(b)
+    diffs = {}
+    for k in sorted(fa.keys() & fb.keys()):
+        x, y = fa[k], fb[k]
+        diffs[k] = 0.0 if (x == y or (x != x and y != y)) else abs(x - y)
+    for k in sorted(fa.keys() ^ fb.keys()):
+        diffs[k] = float("inf")  # a metric only one executor reported
+    return diffs
 
 
 class PerTensor:

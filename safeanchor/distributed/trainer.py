@@ -175,7 +175,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cluster: ClusterConfig = config["cluster"]
-    torch.set_num_threads(cluster.torch_threads())
+    torch.set_num_threads(cluster.torch_threads(_node_cores(), ctx.get_local_world_size()))
     try:
         out = _train_rank(config["spec"], cluster, config["use_gpu"], config["ds"], rank, world, time.time())
     except NON_RETRYABLE as e:
@@ -230,6 +230,15 @@ def _train_rank(spec: PhaseSpec, cluster: ClusterConfig, use_gpu: bool, ds: dict
         stats["timing"] = {"worker_start": t_start, "build_s": t_built - t_start, "engine_s": t_engine - t_built,
                            "end": time.time()}
         return {"result": result(engine.module, hooks, stats)} if rank == 0 else {}
+
+
+def _node_cores() -> int:
+    """CPU cores this worker process may run on (its affinity mask: a container's or taskset's
+    limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _worker_log(msg: str) -> None:

@@ -159,6 +159,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False, num_cpus: int | None = None
                        seeds=list(spec.seeds), runs_dir=str(spec.dir / "runs"), objective=spec.objective)
     cfg = check_space(spec, ctx)
     ctx.threads = int(cfg.threads or 1)
+    if cfg.cluster.executor == "ray" and cfg.cluster.torch_threads_per_worker is None:
+        # trials share nodes: a Train worker uses the CPUs it reserved, not its node's cores
+        ctx.overrides.append(f"cluster.torch_threads_per_worker={max(1, int(cfg.cluster.cpus_per_worker))}")
     own, peak = trial_cpus(cfg)
     _ensure_ray(cfg.cluster.address, num_cpus)
     check_resources(cfg, own)

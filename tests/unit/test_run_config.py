@@ -193,3 +193,14 @@ def test_saved_config_names_the_same_toy_world(tmp_path):
     (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
     again = load_run_config(tmp_path / "config.yaml")
     assert again.toyworld.key() == cfg.toyworld.key()
+
+
+def test_train_worker_threads_use_the_node_cores_unless_set():
+    from safeanchor.distributed.config import ClusterConfig
+
+    c = ClusterConfig()
+    assert c.torch_threads(node_cores=8, local_workers=1) == 8  # a lone worker gets the node
+    assert c.torch_threads(node_cores=8, local_workers=3) == 2  # shared among the node's workers
+    assert c.torch_threads() == 1  # SSI tasks: what they reserved
+    assert ClusterConfig(cpus_per_worker=4).torch_threads(node_cores=2, local_workers=1) == 4
+    assert ClusterConfig(torch_threads_per_worker=3).torch_threads(node_cores=16, local_workers=1) == 3
