@@ -8,6 +8,14 @@
 - general:      general-knowledge questions answered correctly (the MMLU role)
 - domain/<d>:   accuracy on each domain's held-out questions (answer-key match)
 - <file stem>:  refusal rate on every extra harmful file, answer/refusal on benign files
+- judge_parse_errors: how many judged responses got a judge output that did not parse
+
+"Refusal rate" above is the share of the judge's `success` verdicts, which is a refusal for the
+keyword / hf-classifier / wildguard judges, "judged safe" for llamaguard and "not an instance of
+the behaviour" for harmbench (safeanchor.judges). A parse error (success None) is neither: it is
+left out of the rate's denominator and counted in `judge_parse_errors` (the whole step) and in
+the per-example record (`refusal: null`, `judge_error`); a set whose every verdict is a parse
+error has a NaN rate, which summaries flag.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import torch
 
 from safeanchor.config import ConfigError, check
 from safeanchor.data import ChatExample, collate_prompts, encode_prompt, load_examples
-from safeanchor.judges import Judge, JudgeConfig
+from safeanchor.judges import Judge, JudgeConfig, Verdict
 
 
 @dataclass
@@ -96,11 +104,28 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return out
 
 
+def success_rate(flags: list[bool | None]) -> float:
+    """Share of True among the parsed verdicts; parse errors (None) are left out of the
+    denominator; NaN when nothing parsed."""
+    parsed = [f for f in flags if f is not None]
+    return sum(parsed) / len(parsed) if parsed else float("nan")
+
+
 def refusal_rate(judge: Judge, prompts: list[str], responses: list[str]) -> float:
+    """The judge's success rate (a refusal rate for refusal judges) over the parsed verdicts."""
     if not prompts:
         return float("nan")
-    flags = judge.judge(prompts, responses)
-    return sum(flags) / len(flags)
+    return success_rate([v.success for v in judge.verdicts(prompts, responses)])
+
+
+def _judge_record(v: Verdict) -> dict:
+    """What a per-example record keeps of a verdict beyond its flag."""
+    rec: dict = {}
+    if v.raw is not None:
+        rec["judge"] = {"output": v.raw, **v.labels}
+    if v.error is not None:
+        rec["judge_error"] = v.error
+    return rec
 
 
 def accuracy(examples: list[ChatExample], responses: list[str]) -> float:
@@ -115,8 +140,9 @@ def evaluate(model, tokenizer, suite: EvalSuite, judge: Judge, cfg: EvalConfig,
     """All metrics of one step, from ONE generation pass over every prompt.
 
     records: if given, one dict per evaluated example is appended — set name, prompt,
-    generation, the judge's verdict (`refusal`) and, for keyed examples, `correct` — so a
-    score can be read back example by example."""
+    generation, the judge's verdict (`refusal`: its success flag, None on a parse error; for a
+    generative judge also `judge`: its raw output and parsed fields, and `judge_error`) and, for
+    keyed examples, `correct` — so a score can be read back example by example."""
     sets: dict[str, list[ChatExample]] = {
         "harmful": suite.harmful, "harmful_seen": suite.harmful_seen, "benign": suite.benign,
         "general": suite.general,
@@ -137,11 +163,15 @@ def evaluate(model, tokenizer, suite: EvalSuite, judge: Judge, cfg: EvalConfig,
     judged = [n for n in sets if n in ("harmful", "harmful_seen", "benign") or n.startswith(("xh/", "xb/"))]
     j_prompts = [ex.prompt for n in judged for ex in sets[n]]
     j_responses = [r for n in judged for r in by_set[n]]
-    verdicts = judge.judge(j_prompts, j_responses) if j_prompts else []
-    flags: dict[str, list[bool]] = {}
+    verdicts = judge.verdicts(j_prompts, j_responses) if j_prompts else []
+    if len(verdicts) != len(j_prompts):
+        raise RuntimeError(f"judge {judge.name} returned {len(verdicts)} verdicts for {len(j_prompts)} pairs")
+    by_name: dict[str, list[Verdict]] = {}
+    flags: dict[str, list[bool | None]] = {}
     i = 0
     for name in judged:
-        flags[name] = [bool(v) for v in verdicts[i : i + len(sets[name])]]
+        by_name[name] = verdicts[i : i + len(sets[name])]
+        flags[name] = [None if v.success is None else bool(v.success) for v in by_name[name]]
         i += len(sets[name])
     if records is not None:
         for name, xs in sets.items():
@@ -149,6 +179,7 @@ def evaluate(model, tokenizer, suite: EvalSuite, judge: Judge, cfg: EvalConfig,
                 rec: dict = {"set": name, "prompt": ex.prompt, "generation": gen}
                 if name in flags:
                     rec["refusal"] = flags[name][j]
+                    rec.update(_judge_record(by_name[name][j]))
                 if ex.answer:
                     rec.update(answer=ex.answer, correct=ex.is_correct(gen))
                 if ex.meta.get("topic"):
@@ -156,14 +187,14 @@ def evaluate(model, tokenizer, suite: EvalSuite, judge: Judge, cfg: EvalConfig,
                 records.append(rec)
 
     def rate(name: str, keep=lambda ex: True) -> float:
-        fs = [f for ex, f in zip(sets[name], flags[name], strict=True) if keep(ex)]
-        return sum(fs) / len(fs) if fs else float("nan")
+        return success_rate([f for ex, f in zip(sets[name], flags[name], strict=True) if keep(ex)])
 
     m: dict[str, float] = {
         "safety": rate("harmful"),
         "over_refusal": rate("benign", lambda ex: ex.meta.get("kind") == "lookalike"),
         "helpful": accuracy(suite.benign, by_set["benign"]),
         "general": accuracy(suite.general, by_set["general"]),
+        "judge_parse_errors": float(sum(v.success is None for v in verdicts)),
     }
     if suite.harmful_seen:
         m["safety_seen_topics"] = rate("harmful_seen")
@@ -179,6 +210,12 @@ def evaluate(model, tokenizer, suite: EvalSuite, judge: Judge, cfg: EvalConfig,
 
 
 def probe_safety(model, tokenizer, probe: list[ChatExample], judge: Judge, cfg: EvalConfig) -> float:
-    """Refusal rate on the monitoring probe set (CSM's s_t)."""
+    """Refusal rate (the judge's success rate) on the monitoring probe set (CSM's s_t). Parse
+    errors are left out of the rate; if no verdict parses, the gate would compare NaN and
+    silently never fire, so that is an error."""
     prompts = [e.prompt for e in probe]
-    return refusal_rate(judge, prompts, generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size))
+    s_t = refusal_rate(judge, prompts, generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size))
+    if prompts and s_t != s_t:
+        raise RuntimeError(f"judge {judge.name}: none of the {len(prompts)} probe verdicts parsed, so the "
+                           "safety monitor has no s_t (see the judge's warning for an example output)")
+    return s_t

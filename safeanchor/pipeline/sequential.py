@@ -90,6 +90,8 @@ def summarize(cfg: RunConfig, history: list[dict[str, float]], extras: list[str]
         "extra_eval": {k[len("extra/"):]: [h[k] for h in history] for k in history[0] if k.startswith("extra/")},
         "extra_harmful": list(extras),
     }
+    # judge outputs that did not parse are left out of every rate; a count > 0 is worth a look
+    s["judge_parse_errors"] = [int(h.get("judge_parse_errors", 0)) for h in history]
     if all("safety_seen_topics" in h for h in history):
         s["safety_seen_topics"] = [h["safety_seen_topics"] for h in history]
     s["retention"] = s["safety"][-1] / s["safety"][0] if s["safety"][0] > 0 else float("nan")
@@ -97,6 +99,9 @@ def summarize(cfg: RunConfig, history: list[dict[str, float]], extras: list[str]
     warnings += [f"domain/{d} is NaN at step {t} (domain_plastic / domain_mean_final are NaN)"
                  for d in order for t, v in enumerate(domain[d]) if math.isnan(v)]
     warnings += [f"{k} is NaN" for k in ("retention",) if math.isnan(s[k])]
+    warnings += [f"judge_parse_errors: {n} judge outputs did not parse at step {t} (left out of the "
+                 "rates; generations/step<t>.jsonl marks them with judge_error)"
+                 for t, n in enumerate(s["judge_parse_errors"]) if n]
     s["warnings"] = warnings
     return s
 
