@@ -27,6 +27,7 @@ class ModelConfig:
     """Which model to adapt (and its unaligned base, for methods that need one)."""
 
     name: str = field(default="toyworld:aligned", metadata={"doc": "HF hub id, local path, or toyworld:aligned"})
+    revision: str | None = field(default=None, metadata={"doc": "hub revision (commit sha, tag or branch) of `name` and of its tokenizer when that is `name` too; null: the hub's default branch (unpinned)"})
     base: str | None = field(default="toyworld:pretrained", metadata={"doc": "unaligned base of `name` (Safe LoRA); null if unknown"})
     tokenizer: str | None = field(default=None, metadata={"doc": "tokenizer id/path (default: same as name; toyworld:tokenizer for the toy)"})
     dtype: str = field(default="float32", metadata={"doc": "float32 | bfloat16 | float16"})
@@ -73,11 +74,17 @@ def resolve(ref: str, toy_paths: dict[str, Path] | None, key: str) -> str:
     return ref
 
 
-def load_tokenizer(ref: str, trust_remote_code: bool = False):
+def revision_for(ref: str, cfg: ModelConfig) -> str | None:
+    """`cfg.revision` where `ref` is the model's own hub id (`model.name`), else None: the pin
+    names a commit of that repository only (not of `model.base` or another tokenizer)."""
+    return cfg.revision if ref == cfg.name else None
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as e:
         raise ConfigError("model.tokenizer", f"cannot load tokenizer {ref!r}: {str(e).splitlines()[0]}") from e
     if tok.pad_token_id is None:
@@ -96,7 +103,7 @@ def load_model(ref: str, cfg: ModelConfig, key: str = "model.name"):
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref, dtype=getattr(torch, cfg.dtype), use_safetensors=True,
-            trust_remote_code=cfg.trust_remote_code,
+            trust_remote_code=cfg.trust_remote_code, revision=revision_for(ref, cfg),
         )
     except (OSError, ValueError) as e:
         raise ConfigError(key, f"cannot load model {ref!r}: {str(e).splitlines()[0]}") from e

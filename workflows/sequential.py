@@ -5,6 +5,7 @@
     python workflows/sequential.py --config workflows/configs/toy.yaml --set train.lr=5e-4
     python workflows/sequential.py --resume safeanchor-seed0-medical-legal-code   # continue a run
     python workflows/sequential.py --help-config                    # every --set key, documented
+    python workflows/sequential.py --config workflows/configs/llama2-7b-chat.yaml --dry-run   # the plan, offline
 
 Parse -> build -> run -> report; all logic lives in the `safeanchor` package.
 """
@@ -32,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RUN_ID",
                    help="continue the run RUN_ID under --storage with its saved config; finished steps are skipped")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved plan (model, data and what would be downloaded, judge, workers, "
+                        "ZeRO stage, precision, storage, estimated memory per GPU) and exit; downloads nothing, "
+                        "reads no weights, starts no Ray")
     p.add_argument("--help-config", action="store_true",
                    help="list every config key (for --set) with its type, value and meaning, and exit; "
                         "the method's options for the chosen --method")
@@ -74,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            return 0
+        if args.dry_run:
+            from safeanchor.dryrun import render_plan
+
+            print(render_plan(cfg))
             return 0
         from safeanchor.pipeline.sequential import run_pipeline
 

@@ -23,7 +23,7 @@ from safeanchor.evaluation import EvalSuite, evaluate, load_extra_files, probe_s
 from safeanchor.judges import build_judge
 from safeanchor.methods import Context, build_method
 from safeanchor.methods.base import TrainPhase, hook_stats
-from safeanchor.models import add_lora, load_model, load_tokenizer, resolve
+from safeanchor.models import add_lora, load_model, load_tokenizer, resolve, revision_for
 from safeanchor.pipeline.config import RunConfig
 from safeanchor.pipeline.store import (
     StepStore,
@@ -204,7 +204,8 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir
     ref = str(aligned.model_dir) if aligned is not None else resolve(cfg.model.name, toy_paths, "model.name")
     tok_ref = cfg.model.tokenizer or (ref if aligned is not None else cfg.model.name)
     model_spec = ModelSpec(ref, resolve(tok_ref, toy_paths, "model.tokenizer"), cfg.model, cfg.lora, seeds.lora_init(cfg.seed))
-    tokenizer = load_tokenizer(model_spec.tokenizer, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_spec.tokenizer, cfg.model.trust_remote_code,
+                               revision_for(model_spec.tokenizer, cfg.model))
     model = add_lora(load_model(ref, cfg.model), cfg.lora, seeds.lora_init(cfg.seed))
     base_ref = resolve(cfg.model.base, toy_paths, "model.base") if cfg.model.base else None
 

@@ -27,7 +27,14 @@ from typing import Any
 from safeanchor.data import ChatExample
 from safeanchor.methods import build_method
 from safeanchor.methods.base import Context, hook_stats
-from safeanchor.models import LoraConfig, ModelConfig, add_lora, load_model, load_tokenizer
+from safeanchor.models import (
+    LoraConfig,
+    ModelConfig,
+    add_lora,
+    load_model,
+    load_tokenizer,
+    revision_for,
+)
 from safeanchor.pipeline.store import adapter_bytes, load_adapter_bytes, unpack_state
 from safeanchor.train.loop import TrainConfig
 
@@ -99,7 +106,8 @@ def safe_name(text: str) -> str:
 
 def load_peft_model(spec: ModelSpec, adapter: bytes | None = None) -> tuple[Any, Any]:
     """(peft model, tokenizer) at the given adapter; fp32 / `spec.config.dtype`, on CPU."""
-    tokenizer = load_tokenizer(spec.tokenizer, spec.config.trust_remote_code)
+    tokenizer = load_tokenizer(spec.tokenizer, spec.config.trust_remote_code,
+                               revision_for(spec.tokenizer, spec.config))
     model = add_lora(load_model(spec.ref, spec.config), spec.lora, spec.seed)
     if adapter is not None:
         load_adapter_bytes(model, adapter)
