@@ -469,7 +469,9 @@ def build_plan(cfg: Any) -> tuple[list[str], list[str]]:
         ]
         if cl.use_gpu is not False:
             out.append("  the driver (monitoring / evaluation / judge) holds its own copy: "
-                       f"{_gib(arch.base_params() * _DTYPE_BYTES[cfg.model.dtype])} at model.dtype {cfg.model.dtype}")
+                       f"{_gib(arch.base_params() * _DTYPE_BYTES[cfg.model.dtype])} at model.dtype {cfg.model.dtype}, "
+                       f"on model.device {cfg.model.device} (auto: a GPU only if the driver process sees one: "
+                       "ray job submit --entrypoint-num-gpus 1)")
 
     # --- storage ---------------------------------------------------------------------------
     out.append("\n[storage]")

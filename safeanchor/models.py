@@ -31,12 +31,25 @@ class ModelConfig:
     base: str | None = field(default="toyworld:pretrained", metadata={"doc": "unaligned base of `name` (Safe LoRA); null if unknown"})
     tokenizer: str | None = field(default=None, metadata={"doc": "tokenizer id/path (default: same as name; toyworld:tokenizer for the toy)"})
     dtype: str = field(default="float32", metadata={"doc": "float32 | bfloat16 | float16"})
+    device: str = field(default="auto", metadata={"doc": "device of the driver's copy of the model (evaluation, CSM probe, judge-free generation, in-process training and SSI): auto (cuda if this process sees a GPU, else cpu) | cpu | cuda | cuda:N. On a cluster, give the driver a GPU with `ray job submit --entrypoint-num-gpus 1` (RayJob: entrypointNumGpus)"})
     trust_remote_code: bool = field(default=False, metadata={"doc": "allow custom model code from the hub (off by default)"})
 
     def __post_init__(self) -> None:
         check(bool(self.name), "name", "must not be empty")
         check(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
               f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check(self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda", "device",
+              f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def resolved_device(self) -> torch.device:
+        """The driver's device; a GPU asked for where this process sees none is an error."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("model.device", f"{self.device} asked for, but this process sees no GPU "
+                                              "(on Ray: ray job submit --entrypoint-num-gpus 1)")
+        return dev
 
 
 @dataclass

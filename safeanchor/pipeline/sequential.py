@@ -206,7 +206,8 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir
     model_spec = ModelSpec(ref, resolve(tok_ref, toy_paths, "model.tokenizer"), cfg.model, cfg.lora, seeds.lora_init(cfg.seed))
     tokenizer = load_tokenizer(model_spec.tokenizer, cfg.model.trust_remote_code,
                                revision_for(model_spec.tokenizer, cfg.model))
-    model = add_lora(load_model(ref, cfg.model), cfg.lora, seeds.lora_init(cfg.seed))
+    device = cfg.model.resolved_device()
+    model = add_lora(load_model(ref, cfg.model), cfg.lora, seeds.lora_init(cfg.seed)).to(device)
     base_ref = resolve(cfg.model.base, toy_paths, "model.base") if cfg.model.base else None
 
     if not resume:

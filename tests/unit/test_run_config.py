@@ -207,3 +207,19 @@ def test_train_worker_threads_use_the_node_cores_unless_set():
     assert c.torch_threads() == 1  # SSI tasks: what they reserved
     assert ClusterConfig(cpus_per_worker=4).torch_threads(node_cores=2, local_workers=1) == 4
     assert ClusterConfig(torch_threads_per_worker=3).torch_threads(node_cores=16, local_workers=1) == 3
+
+
+def test_model_device_validated_and_resolved():
+    import torch
+
+    from safeanchor.config import ConfigError
+    from safeanchor.models import ModelConfig
+
+    with pytest.raises(ConfigError, match="device"):
+        ModelConfig(device="gpu0")
+    assert ModelConfig(device="cpu").resolved_device() == torch.device("cpu")
+    expect = "cuda" if torch.cuda.is_available() else "cpu"
+    assert ModelConfig().resolved_device().type == expect  # auto
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="model.device.*no GPU"):
+            ModelConfig(device="cuda:0").resolved_device()
