@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from safeanchor.config import ConfigError, check
@@ -28,6 +29,7 @@ class LmEvalConfig:
 
     tasks: list[str] = field(default_factory=list, metadata={"doc": "task (or group) names, e.g. [mmlu, truthfulqa_mc1]; empty: the harness is not used"})
     include_path: str | None = field(default=None, metadata={"doc": "folder of extra task YAMLs (TaskManager include_path)"})
+    include_defaults: bool = field(default=True, metadata={"doc": "also index the harness's own tasks (false: only include_path's; indexing all of them takes minutes on a small CPU)"})
     num_fewshot: int | None = field(default=None, metadata={"doc": "few-shot examples (null: each task's default)"})
     limit: int | None = field(default=None, metadata={"doc": "examples per task (null: all; a smoke test sets a few)"})
     batch_size: int = field(default=8, metadata={"doc": "HFLM batch size"})
@@ -37,14 +39,22 @@ class LmEvalConfig:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.limit is None or self.limit >= 1, "limit", "must be >= 1")
         check(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot", "must be >= 0")
+        check(self.include_defaults or self.include_path is not None, "include_defaults",
+              "false leaves no tasks unless include_path is set")
         if self.tasks and importlib.util.find_spec("lm_eval") is None:
             raise ConfigError("tasks", "needs lm-evaluation-harness: pip install -e '.[lm-eval]' (package lm-eval)")
 
 
-def task_manager(cfg: LmEvalConfig):
+@lru_cache(maxsize=4)
+def _task_manager(include_path: str | None, include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=cfg.include_path) if cfg.include_path else TaskManager()
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def task_manager(cfg: LmEvalConfig):
+    """The harness's task index, built once per process (it reads every task YAML it knows)."""
+    return _task_manager(cfg.include_path, cfg.include_defaults)
 
 
 def check_tasks(cfg: LmEvalConfig) -> None:
