@@ -31,6 +31,12 @@ class DomainSource:
     val: str | None = field(default=None, metadata={"doc": "held-out examples with an `answer` key for tuning (eval.split=val), disjoint from test"})
 
 
+def _rows_of(src: HubDataset) -> tuple:
+    """What identifies the rows a benchmark source reads, before its partition."""
+    return (src.kind, src.resolved_id(), src.resolved_config(), src.resolved_split(), src.revision,
+            tuple(src.data_files))
+
+
 def _toy_domains() -> dict[str, DomainSource]:
     names = ("medical", "legal", "code", "finance", "chemistry")
     return {n: DomainSource(f"toyworld:{n}/train", f"toyworld:{n}/test", f"toyworld:{n}/val") for n in names}
@@ -93,6 +99,20 @@ class DataConfig:
             if ref is not None and ref.startswith(BENCH_PREFIX):
                 check(ref[len(BENCH_PREFIX):] in self.benchmarks, key,
                       f"{ref!r} names no data.benchmarks entry (known: {', '.join(self.benchmarks) or 'none'})")
+        # Validation and test never share a row: two parts of one hub split must be its val and
+        # test halves under the same seed and fraction (another seed would draw overlapping halves).
+        pairs = [(k, v, t) for k, v, t in pairs if k != "eval_harmful_seen"]
+        pairs += [(f"eval_benchmarks.{b}.val", s.val, s.test) for b, s in self.eval_benchmarks.items()]
+        for key, val, test in pairs:
+            if val is None or test is None:
+                continue
+            check(val != test, key, f"is the same set as its test counterpart ({test!r})")
+            a, b = (self.benchmarks.get(r[len(BENCH_PREFIX):]) if r.startswith(BENCH_PREFIX) else None
+                    for r in (val, test))
+            if a is not None and b is not None and _rows_of(a) == _rows_of(b):
+                check((a.part, b.part) == ("val", "test") and (a.seed, a.val_fraction) == (b.seed, b.val_fraction), key,
+                      f"{val!r} and {test!r} read the same split ({b.describe()}): use part val / part test "
+                      "with the same seed and val_fraction, so they cannot overlap")
 
     def references(self) -> list[tuple[str, str | None]]:
         """Every data reference of this config: (key relative to `data`, reference)."""

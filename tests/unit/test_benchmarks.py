@@ -165,11 +165,23 @@ def test_config_errors_name_the_key():
           "eval": {"composite": {"truthfulqa": "t", "bbq": "t"}}}, "eval.composite.bbq", "truthfulqa benchmark, not bbq"),
         ({"data": {**base["data"], "eval_benchmarks": {"t": {"test": "bench:tqa"}}}, "eval": {"split": "val"}},
          "data.eval_benchmarks.t.val", "eval.split=val"),
+        ({"data": {**base["data"], "eval_benchmarks": {"t": {"test": "bench:tqa", "val": "bench:tqa"}}}},
+         "data.eval_benchmarks.t.val", "same set as its test"),
+        # two parts of one split: only val / test halves under one seed cannot overlap
+        ({"data": {"benchmarks": {"v": {"kind": "truthfulqa", "part": "val", "seed": 1}, "t": {"kind": "truthfulqa", "part": "test"}},
+                   "eval_benchmarks": {"q": {"test": "bench:t", "val": "bench:v"}}}}, "data.eval_benchmarks.q.val", "same split"),
+        ({"data": {"benchmarks": {"v": {"kind": "mmlu"}, "t": {"kind": "mmlu"}},
+                   "general": "bench:t", "val": {"general": "bench:v"}}}, "data.val.general", "same split"),
     ]
     for data, key, msg in cases:
         with pytest.raises(ConfigError, match=msg) as e:
             load_run_config(data)
         assert e.value.key == key, (e.value.key, key)
+    ok = {"data": {"benchmarks": {"v": {"kind": "truthfulqa", "part": "val"}, "t": {"kind": "truthfulqa", "part": "test"},
+                                  "mv": {"kind": "mmlu", "split": "validation"}, "mt": {"kind": "mmlu"}},
+                   "general": "bench:mt", "val": {"general": "bench:mv"},
+                   "eval_benchmarks": {"q": {"test": "bench:t", "val": "bench:v"}}}}
+    load_run_config(ok)  # halves of one split, or two different splits: accepted
 
 
 def test_seeded_partition_is_disjoint_deterministic_and_capped():
