@@ -74,7 +74,7 @@ class DataConfig:
     general: str = field(default="toyworld:general/test", metadata={"doc": "general-knowledge questions with answers (the MMLU role), test split"})
     val: ValSources = field(default_factory=ValSources, metadata={"doc": "the validation split's sets (eval.split=val)"})
     max_train_examples: int | None = field(default=None, metadata={"doc": "cap on each domain's training examples (deterministic subsample)"})
-    benchmarks: dict[str, HubDataset] = field(default_factory=dict, metadata={"doc": "named hub-dataset sources (safeanchor.benchmarks), used anywhere a data reference goes as bench:<name>"})
+    benchmarks: dict[str, HubDataset] = field(default_factory=dict, metadata={"doc": "named hub-dataset sources, used anywhere a data reference goes as bench:<name>; each entry: kind (beavertails, harmbench, medqa, legalbench, codealpaca, humaneval, truthfulqa, bbq, mmlu), id, config, split, revision, data_files (offline, same columns), fields (logical field -> column), max_examples, part (all / val / test), val_fraction, seed, instruction / input_label / choices (legalbench), refusal (beavertails); see safeanchor/benchmarks.py"})
     eval_benchmarks: dict[str, BenchmarkSet] = field(default_factory=dict, metadata={"doc": "extra evaluation sets reported as bench/<name> (e.g. truthfulqa, bbq, mmlu, humaneval)"})
 
     def __post_init__(self) -> None:
