@@ -83,8 +83,9 @@ class HubDataset:
     data_files: list[str] = field(default_factory=list, metadata={"doc": "offline: local JSON/JSONL/Parquet/CSV files with the hub dataset's columns, read by datasets.load_dataset(<format>, data_files=...) instead of the hub"})
     fields: dict[str, str] = field(default_factory=dict, metadata={"doc": "logical field -> column name, where a mirror names a column differently"})
     max_examples: int | None = field(default=None, metadata={"doc": "cap after mapping / partition: a seeded sample of this many (order kept)"})
-    part: str = field(default="all", metadata={"doc": "all, or val / test: a seeded partition of the split (for datasets with one evaluation split; val and test never share a row)"})
-    val_fraction: float = field(default=0.5, metadata={"doc": "share of the split that part=val takes"})
+    part: str = field(default="all", metadata={"doc": "all, or train / val / test: a seeded partition of the split (for datasets with one usable split, e.g. TruthfulQA, LegalBench tasks; the parts never share a row)"})
+    train_fraction: float = field(default=0.0, metadata={"doc": "share of the split that part=train takes (0: no train part)"})
+    val_fraction: float = field(default=0.5, metadata={"doc": "share of the split that part=val takes (after the train part)"})
     seed: int = field(default=0, metadata={"doc": "seed of the partition and of the max_examples sample"})
     instruction: str = field(default="", metadata={"doc": "legalbench: the task description put before each input"})
     input_label: str = field(default="Text", metadata={"doc": "legalbench: the label before the input text"})
@@ -97,8 +98,11 @@ class HubDataset:
         for logical in self.fields:
             check(logical in k.fields, f"fields.{logical}",
                   f"{self.kind} has no field {logical!r} (fields: {', '.join(k.fields)})")
-        check(self.part in ("all", "val", "test"), "part", f"must be all, val or test, got {self.part!r}")
+        check(self.part in ("all", "train", "val", "test"), "part", f"must be all, train, val or test, got {self.part!r}")
         check(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
+        check(0.0 <= self.train_fraction < 1.0 and self.train_fraction + self.val_fraction < 1.0, "train_fraction",
+              "must be in [0, 1) with train_fraction + val_fraction < 1")
+        check(self.part != "train" or self.train_fraction > 0, "part", "part=train needs train_fraction > 0")
         check(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1")
         check(self.kind != "legalbench" or bool(self.resolved_config()), "config",
               "legalbench needs a task name (e.g. abercrombie, hearsay, contract_nli_limited_use)")
@@ -180,15 +184,17 @@ def load_rows(src: HubDataset, label: str) -> list[dict[str, Any]]:
 
 
 def load_benchmark(src: HubDataset, label: str) -> list[ChatExample]:
-    """Rows -> examples (the kind's mapping) -> partition (part) -> cap (max_examples)."""
+    """Rows -> examples (the kind's mapping) -> partition (part: a seeded shuffle cut into
+    train_fraction, val_fraction and the rest, each part in dataset order) -> cap (max_examples)."""
     rows = load_rows(src, label)
     examples = KINDS[src.kind].build(rows, src, label)
     if src.part != "all":
+        n_train = round(len(examples) * src.train_fraction)
         n_val = round(len(examples) * src.val_fraction)
-        if n_val == 0 or n_val == len(examples):
-            raise DataError(f"{label}: {len(examples)} examples cannot be split val_fraction={src.val_fraction} "
-                            "into two non-empty parts")
-        examples = split_list(examples, {"val": n_val}, "test", src.seed)[src.part]
+        if n_val == 0 or n_train + n_val >= len(examples) or (src.train_fraction > 0 and n_train == 0):
+            raise DataError(f"{label}: {len(examples)} examples cannot be split train_fraction={src.train_fraction}, "
+                            f"val_fraction={src.val_fraction} into non-empty parts")
+        examples = split_list(examples, {"train": n_train, "val": n_val}, "test", src.seed)[src.part]
     if src.max_examples is not None and len(examples) > src.max_examples:
         keep = sorted(random.Random(src.seed).sample(range(len(examples)), src.max_examples))
         examples = [examples[i] for i in keep]

@@ -99,20 +99,24 @@ class DataConfig:
             if ref is not None and ref.startswith(BENCH_PREFIX):
                 check(ref[len(BENCH_PREFIX):] in self.benchmarks, key,
                       f"{ref!r} names no data.benchmarks entry (known: {', '.join(self.benchmarks) or 'none'})")
-        # Validation and test never share a row: two parts of one hub split must be its val and
-        # test halves under the same seed and fraction (another seed would draw overlapping halves).
+        # Training, validation and test never share a row: two parts of one hub split must be
+        # different parts (train / val / test) under the same seed and fractions (another seed
+        # would draw overlapping parts).
         pairs = [(k, v, t) for k, v, t in pairs if k != "eval_harmful_seen"]
+        pairs += [(f"domains.{d}.train", s.train, s.test) for d, s in self.domains.items()]
+        pairs += [(f"domains.{d}.train", s.train, s.val) for d, s in self.domains.items()]
         pairs += [(f"eval_benchmarks.{b}.val", s.val, s.test) for b, s in self.eval_benchmarks.items()]
-        for key, val, test in pairs:
-            if val is None or test is None:
+        for key, ref, other in pairs:
+            if ref is None or other is None:
                 continue
-            check(val != test, key, f"is the same set as its test counterpart ({test!r})")
+            check(ref != other, key, f"is the same set as {other!r}")
             a, b = (self.benchmarks.get(r[len(BENCH_PREFIX):]) if r.startswith(BENCH_PREFIX) else None
-                    for r in (val, test))
+                    for r in (ref, other))
             if a is not None and b is not None and _rows_of(a) == _rows_of(b):
-                check((a.part, b.part) == ("val", "test") and (a.seed, a.val_fraction) == (b.seed, b.val_fraction), key,
-                      f"{val!r} and {test!r} read the same split ({b.describe()}): use part val / part test "
-                      "with the same seed and val_fraction, so they cannot overlap")
+                check("all" not in (a.part, b.part) and a.part != b.part
+                      and (a.seed, a.train_fraction, a.val_fraction) == (b.seed, b.train_fraction, b.val_fraction), key,
+                      f"{ref!r} and {other!r} read the same split ({b.describe()}): use different parts "
+                      "(train / val / test) with the same seed and fractions, so they cannot overlap")
 
     def references(self) -> list[tuple[str, str | None]]:
         """Every data reference of this config: (key relative to `data`, reference)."""

@@ -156,7 +156,7 @@ def test_config_errors_name_the_key():
         ({"data": {"benchmarks": {"x": {"kind": "squad"}}}}, "data.benchmarks.x.kind", "unknown benchmark kind"),
         ({"data": {"benchmarks": {"x": {"kind": "medqa", "fields": {"colour": "c"}}}}}, "data.benchmarks.x.fields.colour", "no field"),
         ({"data": {"benchmarks": {"x": {"kind": "legalbench"}}}}, "data.benchmarks.x.config", "task name"),
-        ({"data": {"benchmarks": {"x": {"kind": "mmlu", "part": "train"}}}}, "data.benchmarks.x.part", "all, val or test"),
+        ({"data": {"benchmarks": {"x": {"kind": "mmlu", "part": "dev"}}}}, "data.benchmarks.x.part", "all, train, val or test"),
         ({"data": {**base["data"], "eval_benchmarks": {"t": {"test": "bench:nope"}}}}, "data.eval_benchmarks.t.test", "names no data.benchmarks entry"),
         ({**base, "eval": {"composite": {"truthfulqa": "t"}}}, "eval.composite", "both"),
         ({"data": {**base["data"], "eval_benchmarks": {"t": {"test": "bench:tqa"}}},
@@ -166,7 +166,10 @@ def test_config_errors_name_the_key():
         ({"data": {**base["data"], "eval_benchmarks": {"t": {"test": "bench:tqa"}}}, "eval": {"split": "val"}},
          "data.eval_benchmarks.t.val", "eval.split=val"),
         ({"data": {**base["data"], "eval_benchmarks": {"t": {"test": "bench:tqa", "val": "bench:tqa"}}}},
-         "data.eval_benchmarks.t.val", "same set as its test"),
+         "data.eval_benchmarks.t.val", "same set as"),
+        ({"data": {"benchmarks": {"a": {"kind": "medqa"}, "t": {"kind": "medqa", "part": "test"}},
+                   "domains": {"medical": {"train": "bench:a", "test": "bench:t"}}, "order": ["medical"]}},
+         "data.domains.medical.train", "same split"),
         # two parts of one split: only val / test halves under one seed cannot overlap
         ({"data": {"benchmarks": {"v": {"kind": "truthfulqa", "part": "val", "seed": 1}, "t": {"kind": "truthfulqa", "part": "test"}},
                    "eval_benchmarks": {"q": {"test": "bench:t", "val": "bench:v"}}}}, "data.eval_benchmarks.q.val", "same split"),
@@ -193,6 +196,10 @@ def test_seeded_partition_is_disjoint_deterministic_and_capped():
     assert load_benchmark(local("truthfulqa", part="val"), "t") == val  # same seed, same part
     other = load_benchmark(local("truthfulqa", part="val", seed=5), "t")
     assert other != val
+    parts = {p: load_benchmark(local("medqa", part=p, train_fraction=0.5, val_fraction=0.2), "q")
+             for p in ("train", "val", "test")}
+    assert [len(v) for v in parts.values()] == [3, 1, 2]
+    assert sorted(x.prompt for v in parts.values() for x in v) == sorted(x.prompt for x in load_benchmark(local("medqa"), "q"))
     capped = load_benchmark(local("mmlu", max_examples=2), "m")
     assert len(capped) == 2 and all(x in load_benchmark(local("mmlu"), "m") for x in capped)
 
@@ -319,9 +326,9 @@ def test_summary_carries_benchmarks_and_composite_per_step():
 PRESET = """
 data:
   benchmarks:
-    medqa_train: {{kind: medqa, data_files: [{fix}/medqa.jsonl]}}
-    medqa_test:  {{kind: medqa, data_files: [{fix}/medqa.jsonl], part: test}}
-    medqa_val:   {{kind: medqa, data_files: [{fix}/medqa.jsonl], part: val}}
+    medqa_train: {{kind: medqa, data_files: [{fix}/medqa.jsonl], part: train, train_fraction: 0.5, val_fraction: 0.2}}
+    medqa_test:  {{kind: medqa, data_files: [{fix}/medqa.jsonl], part: test, train_fraction: 0.5, val_fraction: 0.2}}
+    medqa_val:   {{kind: medqa, data_files: [{fix}/medqa.jsonl], part: val, train_fraction: 0.5, val_fraction: 0.2}}
     code_train:  {{kind: codealpaca, data_files: [{fix}/codealpaca.jsonl]}}
     humaneval:   {{kind: humaneval, data_files: [{fix}/humaneval.jsonl]}}
     calib:       {{kind: beavertails, data_files: [{fix}/beavertails.jsonl], max_examples: 3}}
@@ -360,7 +367,7 @@ def test_a_preset_selects_every_set_from_benchmarks(tmp_path):
     sets = {role: src.load(ref, key, require_response=role.startswith("domain/"))
             for role, (key, ref) in cfg.data.eval_sources("test").items()}
     assert len(sets["harmful"]) == 200  # HarmBench's bundled 200 standard behaviours, offline
-    assert len(sets["general"]) == 4 and len(sets["domain/medical"]) == 3 and len(sets["domain/code"]) == 3
+    assert len(sets["general"]) == 4 and len(sets["domain/medical"]) == 2 and len(sets["domain/code"]) == 3
     assert set(sets) >= {"bench/tqa", "bench/bbq"}
     assert len(src.load(cfg.data.safety_calib, "data.safety_calib")) == 3
     assert cfg.data.benchmarks["harmbench"].describe().startswith("harmbench: local ")
