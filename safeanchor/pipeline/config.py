@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from safeanchor.alignment import AlignConfig
+from safeanchor.benchmarks import BENCH_PREFIX, HubDataset
 from safeanchor.config import ConfigError, apply_overrides, check, from_dict, load_yaml
 from safeanchor.distributed.config import ClusterConfig
 from safeanchor.evaluation import EvalConfig
@@ -30,6 +31,12 @@ class DomainSource:
     val: str | None = field(default=None, metadata={"doc": "held-out examples with an `answer` key for tuning (eval.split=val), disjoint from test"})
 
 
+def _rows_of(src: HubDataset) -> tuple:
+    """What identifies the rows a benchmark source reads, before its partition."""
+    return (src.kind, src.resolved_id(), src.resolved_config(), src.resolved_split(), src.revision,
+            tuple(src.data_files))
+
+
 def _toy_domains() -> dict[str, DomainSource]:
     names = ("medical", "legal", "code", "finance", "chemistry")
     return {n: DomainSource(f"toyworld:{n}/train", f"toyworld:{n}/test", f"toyworld:{n}/val") for n in names}
@@ -46,6 +53,14 @@ class ValSources:
 
 
 @dataclass
+class BenchmarkSet:
+    """An extra evaluation set scored every step as bench/<name> (TruthfulQA, BBQ, MMLU, ...)."""
+
+    test: str = field(metadata={"doc": "the set scored on the test split (a data reference, usually bench:<name>)"})
+    val: str | None = field(default=None, metadata={"doc": "the set scored on the validation split (eval.split=val), disjoint from test"})
+
+
+@dataclass
 class DataConfig:
     """Domains and safety / evaluation sets. `toyworld:` sources come from the embedded world."""
 
@@ -59,6 +74,8 @@ class DataConfig:
     general: str = field(default="toyworld:general/test", metadata={"doc": "general-knowledge questions with answers (the MMLU role), test split"})
     val: ValSources = field(default_factory=ValSources, metadata={"doc": "the validation split's sets (eval.split=val)"})
     max_train_examples: int | None = field(default=None, metadata={"doc": "cap on each domain's training examples (deterministic subsample)"})
+    benchmarks: dict[str, HubDataset] = field(default_factory=dict, metadata={"doc": "named hub-dataset sources, used anywhere a data reference goes as bench:<name>; each entry: kind (beavertails, harmbench, medqa, legalbench, codealpaca, humaneval, truthfulqa, bbq, mmlu), id, config, split, revision, data_files (offline, same columns), fields (logical field -> column), max_examples, part (all / val / test), val_fraction, seed, instruction / input_label / choices (legalbench), refusal (beavertails); see safeanchor/benchmarks.py"})
+    eval_benchmarks: dict[str, BenchmarkSet] = field(default_factory=dict, metadata={"doc": "extra evaluation sets reported as bench/<name> (e.g. truthfulqa, bbq, mmlu, humaneval)"})
 
     def __post_init__(self) -> None:
         check(len(self.order) > 0, "order", "must name at least one domain")
@@ -78,6 +95,47 @@ class DataConfig:
             check(not (toy(ref) and not toy(test)), key,
                   f"is the toy world's {ref!r} while its test counterpart is {test!r}: set it to your own "
                   "data (or null)")
+        for key, ref in self.references():
+            if ref is not None and ref.startswith(BENCH_PREFIX):
+                check(ref[len(BENCH_PREFIX):] in self.benchmarks, key,
+                      f"{ref!r} names no data.benchmarks entry (known: {', '.join(self.benchmarks) or 'none'})")
+        # Training, validation and test never share a row: two parts of one hub split must be
+        # different parts (train / val / test) under the same seed and fractions (another seed
+        # would draw overlapping parts).
+        pairs = [(k, v, t) for k, v, t in pairs if k != "eval_harmful_seen"]
+        pairs += [(f"domains.{d}.train", s.train, s.test) for d, s in self.domains.items()]
+        pairs += [(f"domains.{d}.train", s.train, s.val) for d, s in self.domains.items()]
+        pairs += [(f"eval_benchmarks.{b}.val", s.val, s.test) for b, s in self.eval_benchmarks.items()]
+        for key, ref, other in pairs:
+            if ref is None or other is None:
+                continue
+            check(ref != other, key, f"is the same set as {other!r}")
+            a, b = (self.benchmarks.get(r[len(BENCH_PREFIX):]) if r.startswith(BENCH_PREFIX) else None
+                    for r in (ref, other))
+            if a is not None and b is not None and _rows_of(a) == _rows_of(b):
+                check("all" not in (a.part, b.part) and a.part != b.part
+                      and (a.seed, a.train_fraction, a.val_fraction) == (b.seed, b.train_fraction, b.val_fraction), key,
+                      f"{ref!r} and {other!r} read the same split ({b.describe()}): use different parts "
+                      "(train / val / test) with the same seed and fractions, so they cannot overlap")
+
+    def references(self) -> list[tuple[str, str | None]]:
+        """Every data reference of this config: (key relative to `data`, reference)."""
+        refs = [("safety_calib", self.safety_calib), ("safety_probe", self.safety_probe),
+                ("eval_harmful", self.eval_harmful), ("eval_harmful_seen", self.eval_harmful_seen),
+                ("eval_benign", self.eval_benign), ("general", self.general),
+                ("val.eval_harmful", self.val.eval_harmful), ("val.eval_benign", self.val.eval_benign),
+                ("val.general", self.val.general)]
+        for d, s in self.domains.items():
+            refs += [(f"domains.{d}.train", s.train), (f"domains.{d}.test", s.test), (f"domains.{d}.val", s.val)]
+        for b, s in self.eval_benchmarks.items():
+            refs += [(f"eval_benchmarks.{b}.test", s.test), (f"eval_benchmarks.{b}.val", s.val)]
+        return refs
+
+    def benchmark_kind(self, ref: str | None) -> str | None:
+        """The benchmark kind behind a bench:<name> reference (None for files and the toy world)."""
+        if ref and ref.startswith(BENCH_PREFIX) and ref[len(BENCH_PREFIX):] in self.benchmarks:
+            return self.benchmarks[ref[len(BENCH_PREFIX):]].kind
+        return None
 
     def eval_sources(self, split: str) -> dict[str, tuple[str, str]]:
         """The evaluated sets of a split: role -> (dotted config key, reference). Roles:
@@ -87,12 +145,14 @@ class DataConfig:
             out = {"harmful": ("data.eval_harmful", self.eval_harmful),
                    "benign": ("data.eval_benign", self.eval_benign),
                    "general": ("data.general", self.general),
-                   **{f"domain/{d}": (f"data.domains.{d}.test", self.domains[d].test) for d in self.order}}
+                   **{f"domain/{d}": (f"data.domains.{d}.test", self.domains[d].test) for d in self.order},
+                   **{f"bench/{b}": (f"data.eval_benchmarks.{b}.test", s.test) for b, s in self.eval_benchmarks.items()}}
         else:
             out = {"harmful": ("data.val.eval_harmful", self.val.eval_harmful),
                    "benign": ("data.val.eval_benign", self.val.eval_benign),
                    "general": ("data.val.general", self.val.general),
-                   **{f"domain/{d}": (f"data.domains.{d}.val", self.domains[d].val) for d in self.order}}
+                   **{f"domain/{d}": (f"data.domains.{d}.val", self.domains[d].val) for d in self.order},
+                   **{f"bench/{b}": (f"data.eval_benchmarks.{b}.val", s.val) for b, s in self.eval_benchmarks.items()}}
         for key, ref in out.values():
             check(ref is not None, key, f"eval.split={split} needs this set (null here)")
         if self.eval_harmful_seen is not None:
@@ -130,6 +190,14 @@ class RunConfig:
             self.data.eval_sources(self.eval.split)
         except ConfigError as e:  # the missing set is named; the switch that asked for it too
             raise ConfigError(e.key, f"{e.msg} (asked for by eval.split={self.eval.split})") from None
+        comp = self.eval.composite
+        if comp.enabled:  # the composite's parts are benchmarks of the right kind
+            for key, name, kind in (("eval.composite.truthfulqa", comp.truthfulqa, "truthfulqa"),
+                                    ("eval.composite.bbq", comp.bbq, "bbq")):
+                check(name in self.data.eval_benchmarks, key,
+                      f"{name!r} is not a data.eval_benchmarks set (known: {', '.join(self.data.eval_benchmarks) or 'none'})")
+                found = self.data.benchmark_kind(self.data.eval_benchmarks[name].test)
+                check(found in (None, kind), key, f"data.eval_benchmarks.{name} is a {found} benchmark, not {kind}")
         if self.run_id is not None:
             check(self.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(), "run_id",
                   "may contain only letters, digits, '-', '_' and '.'")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from safeanchor import seeds
+from safeanchor.benchmarks import BENCH_PREFIX, load_benchmark
 from safeanchor.config import ConfigError, dump_yaml, from_dict, to_dict
 from safeanchor.data import ChatExample, load_examples
 from safeanchor.evaluation import EvalSuite, evaluate, load_extra_files, probe_safety
@@ -43,11 +44,21 @@ CORE_METRICS = ("safety", "over_refusal", "helpful", "general")
 class Sources:
     """Resolves data references: `toyworld:<part>` from the built toy world, else files / hf ids."""
 
-    def __init__(self, world, aligned=None) -> None:
+    def __init__(self, world, aligned=None, benchmarks: dict | None = None) -> None:
         self.world = world
         self.aligned = aligned
+        self.benchmarks = benchmarks or {}  # data.benchmarks: name -> HubDataset
 
     def load(self, ref: str, key: str, require_response: bool = True) -> list[ChatExample]:
+        if ref.startswith(BENCH_PREFIX):  # a hub benchmark (safeanchor.benchmarks)
+            name = ref[len(BENCH_PREFIX):]
+            if name not in self.benchmarks:
+                raise ConfigError(key, f"{ref!r} names no data.benchmarks entry")
+            xs = load_benchmark(self.benchmarks[name], f"data.benchmarks.{name}")
+            if require_response and any(not x.response.strip() for x in xs):
+                raise ConfigError(key, f"{ref!r} ({self.benchmarks[name].kind}) gives prompts without "
+                                  "responses; this set needs responses to train on")
+            return xs
         if ref == "align:calib":  # the alignment stage's calibration set (its own safe answers)
             if self.aligned is None or self.aligned.calib_file is None:
                 raise ConfigError(key, "'align:calib' needs the alignment stage (align.enabled: true)")
@@ -92,6 +103,13 @@ def summarize(cfg: RunConfig, history: list[dict[str, float]], extras: list[str]
     }
     # judge outputs that did not parse are left out of every rate; a count > 0 is worth a look
     s["judge_parse_errors"] = [int(h.get("judge_parse_errors", 0)) for h in history]
+    # bench/<name> (and BBQ's bench/<name>/<score>), lm-eval tasks: name -> list over steps
+    s["benchmarks"] = {k[len("bench/"):]: [h.get(k, float("nan")) for h in history]
+                       for k in history[0] if k.startswith("bench/")}
+    s["lm_eval"] = {k[len("lmeval/"):]: [h.get(k, float("nan")) for h in history]
+                    for k in history[0] if k.startswith("lmeval/")}
+    if all("safety_composite" in h for h in history):
+        s["safety_composite"] = [h["safety_composite"] for h in history]
     if all("safety_seen_topics" in h for h in history):
         s["safety_seen_topics"] = [h["safety_seen_topics"] for h in history]
     s["retention"] = s["safety"][-1] / s["safety"][0] if s["safety"][0] > 0 else float("nan")
@@ -121,6 +139,11 @@ def format_table(summary: dict[str, Any]) -> str:
         f"domain_mean_final {summary['domain_mean_final']:.3f}  wall {summary.get('wall_s', 0):.0f}s"
         + (f"  safety_seen_topics {seen[0]:.3f} -> {seen[-1]:.3f}" if seen else "")
     )
+    comp = summary.get("safety_composite")
+    if comp:
+        rows.append(f"safety_composite {comp[0]:.3f} -> {comp[-1]:.3f}")
+    for name, vals in summary.get("benchmarks", {}).items():
+        rows.append(f"bench/{name}: " + " ".join(f"{v:.3f}" for v in vals))
     rows += [f"WARNING: {w}" for w in summary.get("warnings", [])]
     return "\n".join(rows)
 
@@ -165,6 +188,10 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir
         default_tracking_uri(cfg.tracking, open_storage(cfg, storage))
     extra_h, extra_b = load_extra_files(cfg.eval)
     judge = build_judge(cfg.eval.judge)
+    if cfg.eval.lm_eval.tasks:  # unknown task names fail here, before any training
+        from safeanchor.lmeval import check_tasks
+
+        check_tasks(cfg.eval.lm_eval)
     method = build_method(cfg.method, cfg.methods.get(cfg.method))
 
     world = None
@@ -179,7 +206,7 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir
         from safeanchor.alignment import run_alignment
 
         aligned = run_alignment(cfg.align, resolve(cfg.model.name, toy_paths, "model.name"), log=log)
-    src = Sources(world, aligned)
+    src = Sources(world, aligned, cfg.data.benchmarks)
 
     # --- data (all loaded and validated before any training) -------------------------
     rng = seeds.train_subsample(cfg.seed)
@@ -196,6 +223,7 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir
         harmful=sets["harmful"], benign=sets["benign"], general=sets["general"],
         domains={d: sets[f"domain/{d}"] for d in cfg.data.order},
         extra_harmful=extra_h, extra_benign=extra_b, harmful_seen=sets.get("harmful_seen", []),
+        benchmarks={r[len("bench/"):]: xs for r, xs in sets.items() if r.startswith("bench/")},
     )
     calib = src.load(cfg.data.safety_calib, "data.safety_calib")
     probe = src.load(cfg.data.safety_probe, "data.safety_probe", require_response=False)
