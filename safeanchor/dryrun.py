@@ -276,10 +276,22 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
-def describe_source(ref: str | None, key: str) -> tuple[str, str | None]:
-    """(what the run does with data reference `ref`, error or None). Reads no data."""
+def describe_source(ref: str | None, key: str, benchmarks: dict | None = None) -> tuple[str, str | None]:
+    """(what the run does with data reference `ref`, error or None). Reads no data.
+    benchmarks: `data.benchmarks` (name -> HubDataset), for `bench:<name>` references."""
     if ref is None:
         return "not set (null)", None
+    if ref.startswith("bench:"):
+        name = ref[len("bench:"):]
+        if benchmarks is None or name not in benchmarks:
+            return "", f"{key}: {ref!r} names no entry of data.benchmarks"
+        src = benchmarks[name]
+        if src.data_files:
+            missing = [f for f in src.data_files if not Path(f).is_file()]
+            if missing:
+                return "", f"{key}: {ref} (data.benchmarks.{name}.data_files): {missing[0]}: no such file"
+            return f"{ref}: {src.describe()}; no download", None
+        return f"{ref}: DOWNLOAD at run time: {src.describe()} through `datasets` (size not known offline)", None
     if ref.startswith("toyworld:"):
         return f"{ref}: the toy world's own data (generated locally, cached; no download)", None
     if ref.startswith("align:"):
@@ -311,6 +323,8 @@ def _data_refs(cfg: Any) -> list[tuple[str, str | None]]:
              ("data.eval_benign", d.eval_benign), ("data.general", d.general),
              ("data.val.eval_harmful", d.val.eval_harmful), ("data.val.eval_benign", d.val.eval_benign),
              ("data.val.general", d.val.general)]
+    for b, src in d.eval_benchmarks.items():
+        refs += [(f"data.eval_benchmarks.{b}.test", src.test), (f"data.eval_benchmarks.{b}.val", src.val)]
     refs += [(f"eval.harmful_files[{i}]", f) for i, f in enumerate(cfg.eval.harmful_files)]
     refs += [(f"eval.benign_files[{i}]", f) for i, f in enumerate(cfg.eval.benign_files)]
     return refs
@@ -398,14 +412,15 @@ def build_plan(cfg: Any) -> tuple[list[str], list[str]]:
     out.append(f"\n[data]  order: {' -> '.join(cfg.data.order)}; scored split: {cfg.eval.split}")
     errors = []
     for key, ref in _data_refs(cfg):
-        text, err = describe_source(ref, key)
+        text, err = describe_source(ref, key, cfg.data.benchmarks)
         if err:
             errors.append(err)
         else:
             out.append(f"{key}: {text}")
     if errors:
         raise ConfigError("", errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
-    if any(ref and ref.startswith("hf:") and not Path(ref[3:]).exists() for _, ref in _data_refs(cfg)):
+    if any(ref and (ref.startswith("hf:") and not Path(ref[3:]).exists() or ref.startswith("bench:"))
+           for _, ref in _data_refs(cfg)):
         out.append("  hub datasets: their columns are checked when they load, not here")
 
     # --- judge -----------------------------------------------------------------------------

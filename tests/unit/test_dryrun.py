@@ -73,7 +73,8 @@ def test_7b_presets_plan(offline, capsys, preset):
     assert "precision: bf16" in out and "backend NCCL" in out
     assert "eval.judge.kind: llamaguard, model meta-llama/Llama" in out
     assert out.count("DOWNLOAD at run time: hub repository") == 3  # model, base, judge
-    assert "DOWNLOAD at run time: hub dataset PKU-Alignment/BeaverTails" in out
+    assert "DOWNLOAD at run time: beavertails: hub PKU-Alignment/BeaverTails split 30k_train" in out
+    assert "bench:legal_test: DOWNLOAD at run time: legalbench: hub nguha/legalbench [contract_nli" in out
     assert 25 < _total_gib(out) < 46, out  # fits a 48 GiB GPU by the estimate
 
 
