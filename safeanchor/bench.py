@@ -35,7 +35,7 @@ from safeanchor.data import ChatExample
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 32, "vocab_size": 32000}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "vocab_size": 512}
+        "num_key_value_heads": 4, "vocab_size": 1024}
 SHAPES = {"7b": LLAMA2_7B, "tiny": TINY}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _WORDS = [f"w{i}" for i in range(200)]
@@ -54,7 +54,8 @@ def rss_gb() -> float:
 
 def synthetic_examples(n: int, seq_len: int, seed: int) -> list[ChatExample]:
     """n chat pairs of random words, long enough that truncation at `seq_len` tokens cuts every
-    example to exactly seq_len (prompt ≈ a third of it, the rest response tokens with a loss)."""
+    example to exactly seq_len tokens: a prompt of seq_len/3 words (2 tokens each, plus the chat
+    template) and response tokens with a loss for the rest (18 of 64, 82 of 256)."""
     rng = random.Random(seed)
     p_words = max(2, seq_len // 3)
     return [ChatExample(" ".join(rng.choices(_WORDS, k=p_words)), " ".join(rng.choices(_WORDS, k=seq_len)))
@@ -66,7 +67,7 @@ def synthetic_tokenizer():
     from safeanchor.toyworld.tokenizer import build_tokenizer
 
     text = " ".join(_WORDS)
-    return build_tokenizer([text] * 4, vocab_size=512)
+    return build_tokenizer([text] * 4, vocab_size=1024)
 
 
 def random_llama(shape: dict[str, int], device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -131,14 +132,15 @@ def ssi_layer(n_examples: int = 500, seq_len: int = 64, layers: int = 1, r: int 
                 f"{now - t_last[0]:.0f}s")
         t_last[0] = now
 
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     subs = safety_subspaces(model, tok, examples, seq_len, rho, k_max, chunk=chunk, group_mb=group_mb,
                             on_group=on_group)
-    ssi_s = time.perf_counter() - t1
+    ssi_s, ssi_cpu_s = time.perf_counter() - t1, time.process_time() - c1
     n_total = sum(p.numel() for p in params.values())
     return {
         "ssi_peak_gb": peak_rss_gb(),
         "ssi_s": ssi_s,
+        "ssi_cpu_s": ssi_cpu_s,  # CPU seconds of the process (on a shared machine, wall time lies)
         "model_rss_gb": model_rss,
         "build_s": build_s,
         "n_examples": n_examples, "seq_len": seq_len, "layers": layers, "lora_r": r, "chunk": chunk,
