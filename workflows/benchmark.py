@@ -3,6 +3,8 @@
     python workflows/benchmark.py --out runs/benchmark.json          # toy preset
     python workflows/benchmark.py --config workflows/configs/tiny.yaml --steps 5
     python workflows/benchmark.py --executors --out runs/executors.json   # Ray vs in-process
+    python workflows/benchmark.py --ssi-7b-layer --out runs/ssi-7b-layer.json   # SSI memory, CPU
+    python workflows/benchmark.py --preset gpu-7b-shape --out runs/gpu-7b.json   # one GPU, DeepSpeed
 
 Times (median of interleaved repeats) of: a plain LoRA step, a LoRA step + OSCA projection
 (batched after backward, as in-process; and as per-tensor gradient hooks, as on DeepSpeed),
@@ -32,6 +34,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--ssi-7b-layer" in argv or any(a == "--preset" or a.startswith("--preset=") for a in argv):
+        return shape_main(argv)  # the model-shape benchmarks (safeanchor.bench), their own options
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -198,6 +203,64 @@ def executors(args: argparse.Namespace) -> int:
         "config": args.config, "method": summaries["local"].get("method"), "seed": args.seed,
         "overrides": args.overrides, "rounds": rounds, "cpus": os.cpu_count(),
     }
+    print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+PRESETS = {
+    # one GPU, Llama-2-7B shape in bf16, ZeRO-2: ≤ 8 minutes on one H200 (designed, not yet run)
+    "gpu-7b-shape": {"shape": "7b", "batch_size": 8, "seq_len": 256, "steps": 10, "rounds": 3, "calib": 256},
+}
+
+
+def shape_main(argv: list[str]) -> int:
+    """--ssi-7b-layer: streaming SSI on 7B-shaped layers (CPU). --preset gpu-7b-shape: LoRA /
+    projection / SafeAnchor steps and SSI on a random 7B-shaped Llama through DeepSpeed on one
+    device (`--shape tiny` runs the same at hidden 64, 2 layers, e.g. on a CPU)."""
+    import torch
+
+    from safeanchor import bench
+
+    p = argparse.ArgumentParser(description=shape_main.__doc__.splitlines()[0])
+    p.add_argument("--ssi-7b-layer", action="store_true", help="SSI memory / time on 7B-shaped layers (CPU)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="one-device step + SSI benchmark")
+    p.add_argument("--shape", choices=sorted(bench.SHAPES), default=None, help="model shape (preset default: 7b)")
+    p.add_argument("--n-examples", type=int, default=500, help="--ssi-7b-layer: calibration examples N")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per example (ssi-7b-layer 64; preset 256)")
+    p.add_argument("--layers", type=int, default=1, help="--ssi-7b-layer: decoder layers")
+    p.add_argument("--chunk", type=int, default=8, help="--ssi-7b-layer: examples per vmap call")
+    p.add_argument("--group-mb", type=float, default=None, help="--ssi-7b-layer: MiB of gradient rows per pass")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="auto", help="preset: auto | cuda | cpu")
+    p.add_argument("--dtype", default="auto", help="preset: auto (bf16 on GPU) | bfloat16 | float32")
+    for k in ("batch_size", "steps", "rounds", "calib", "zero_stage"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=None, help="preset override")
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = p.parse_args(argv)
+    if args.ssi_7b_layer == bool(args.preset):
+        p.error("give exactly one of --ssi-7b-layer and --preset")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.ssi_7b_layer:
+            shape = bench.SHAPES[args.shape or "7b"]
+            out = bench.ssi_layer(args.n_examples, args.seq_len or 64, args.layers, chunk=args.chunk,
+                                  group_mb=args.group_mb, shape=shape, log=print)
+        else:
+            opts = {**PRESETS[args.preset], "device": args.device, "dtype": args.dtype}
+            opts.update({k: v for k, v in (("shape", args.shape), ("seq_len", args.seq_len),
+                                           ("batch_size", args.batch_size), ("steps", args.steps),
+                                           ("rounds", args.rounds), ("calib", args.calib),
+                                           ("zero_stage", args.zero_stage)) if v is not None})
+            out = bench.shape_run(bench.ShapeRun(**opts))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out["command"] = "python workflows/benchmark.py " + " ".join(argv)
+    out["date"] = time.strftime("%Y-%m-%d")
     print(json.dumps(out, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

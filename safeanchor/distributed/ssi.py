@@ -3,14 +3,21 @@
 For one LoRA tensor θ (flattened, n) and N calibration examples split into shards s:
 
     G  = [G_1; G_2; ...]              (N, n) per-example gradients, G_s (N_s, n) on shard s
-    G_s = U_s S_s V_sᵀ                 thin SVD on the shard's task (r_s = min(N_s, n))
-    GᵀG = Σ_s G_sᵀ G_s = Σ_s V_s S_s² V_sᵀ = MᵀM   with M = [S_1 V_1ᵀ; S_2 V_2ᵀ; ...]  (Σ r_s, n)
+    R_s with R_sᵀ R_s = G_sᵀ G_s       the shard's factor, float32: G_s itself when n > N_s
+                                       (nothing smaller is exact), else diag(√λ)Wᵀ of the n×n
+                                       moment G_sᵀG_s = W diag(λ) Wᵀ (at most n rows)
+    GᵀG = Σ_s G_sᵀ G_s = MᵀM           with M = [R_1; R_2; ...]   (Σ r_s, n)
 
-so the thin SVD of M / √N has exactly the singular values and right singular vectors of G / √N:
-the eigenpairs of F = GᵀG / N that `fisher_subspace` computes from the whole G, and the trace
-Σ_s ‖G_s‖²_F / N. Shard tasks send (S_s, V_sᵀ) and ‖G_s‖², never the raw per-example gradients
-(nor U_s, which the Fisher does not need); one merge task per block of tensors runs the second
-SVD and the rank selection (`select_rank`: ρ, k_max, k_fixed) for its tensors, in parallel.
+so `rows_subspace(M, N)` gives exactly the eigenpairs of F = GᵀG / N that `fisher_subspace`
+computes from the whole G, and the trace Σ_s ‖G_s‖²_F / N (shipped exactly, as a float64 scalar).
+Shard tasks send (R_s, ‖G_s‖²) per tensor — min(N_s, n)·n float32 numbers, never float64 and
+never more than the shard's gradients; one merge task per block of tensors runs the eigh and the
+rank selection (`select_rank`: ρ, k_max, k_fixed) for its tensors, in parallel.
+
+A shard task streams (`safeanchor.ssi.stream_fisher_rows`): block by block, the block's tensors in
+groups under `SSIJob.group_mb`, one pass over the shard's examples per group; it is a generator that
+yields each block's factors as soon as the block is done (Ray stores each yielded return value at
+once and the task frees it), so a shard holds one block's factors + one group's rows at a time.
 
 Every shard task loads the model from the job's data (`ModelSpec` + the adapter's bytes: the
 peft model at θ_{t-1}), as a training worker does (`safeanchor.train.phase`).
@@ -18,7 +25,7 @@ peft model at θ_{t-1}), as a training worker does (`safeanchor.train.phase`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +34,8 @@ import torch
 from safeanchor.config import ConfigError
 from safeanchor.distributed.config import ClusterConfig
 from safeanchor.distributed.trainer import ensure_ray, resolve_use_gpu
-from safeanchor.ssi import safety_gradients, safety_subspaces
-from safeanchor.subspace.fisher import Subspace, select_rank
+from safeanchor.ssi import DEFAULT_GROUP_MB, lora_sizes, safety_subspaces, stream_fisher_rows
+from safeanchor.subspace.fisher import Subspace, plan_groups, rows_subspace
 from safeanchor.train.phase import ModelSpec, load_peft_model
 
 
@@ -42,6 +49,7 @@ class SSIJob:
     examples: list  # list[ChatExample]: safe responses (the calibration set)
     max_length: int = 96  # tokens per example (prompt + response), truncated on the right
     chunk: int = 16  # examples per vmap chunk of the per-example gradients
+    group_mb: float = DEFAULT_GROUP_MB  # MiB of gradient rows per group of tensors (one pass each)
 
 
 def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
@@ -67,27 +75,32 @@ def assign_blocks(sizes: list[tuple[str, int]], blocks: int) -> list[list[str]]:
     return out
 
 
-def shard_factors(model: Any, tokenizer: Any, examples: list, max_length: int, chunk: int,
-                  blocks: int) -> list[dict[str, Any]]:
-    """One shard: per-example gradients, then per tensor its thin SVD factors, grouped by block.
-
-    Returns one dict per block: {"N": N_s, "order": [all names], "tensors": {name: (S (r,), Vh (r, n),
-    ‖G_s‖²_F)}} in float64.
-    """
+def iter_shard_factors(model: Any, tokenizer: Any, examples: list, max_length: int, chunk: int, blocks: int,
+                       group_mb: float = DEFAULT_GROUP_MB) -> Iterator[dict[str, Any]]:
+    """One shard, streamed: for each block (`assign_blocks`, the same on every shard) a dict
+    {"N": N_s, "order": [all names], "tensors": {name: (R (r, n) float32 on CPU, ‖G_s‖²_F)}},
+    yielded as soon as the block's tensors are done (R: `FisherRows.factor`)."""
     from safeanchor.data import collate, encode_dataset
 
     batch = collate(encode_dataset(tokenizer, examples, max_length), tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    grads = safety_gradients(model, {k: v.to(device) for k, v in batch.items()}, chunk=chunk)  # name -> (N_s, *shape)
-    order = list(grads)
+    sizes = lora_sizes(model)
+    order = [n for n, _ in sizes]
     n_s = len(examples)
-    factors = {}
-    for name, g in grads.items():
-        G = g.reshape(n_s, -1).to(torch.float64).cpu()  # (N_s, n)
-        _, S, Vh = torch.linalg.svd(G, full_matrices=False)  # S (r,), Vh (r, n), r = min(N_s, n)
-        factors[name] = (S, Vh, float((G * G).sum()))
-    groups = assign_blocks([(n, grads[n][0].numel()) for n in order], blocks)
-    return [{"N": n_s, "order": order, "tensors": {n: factors[n] for n in names}} for names in groups]
+    for names in assign_blocks(sizes, blocks):
+        mine = set(names)
+        groups = plan_groups([(n, k) for n, k in sizes if n in mine], n_s, group_mb * 2**20)
+        tensors = {}
+        for acc in stream_fisher_rows(model, batch, groups, chunk):
+            for name, rows in acc.items():
+                tensors[name] = (rows.factor().cpu(), rows.sq_norm())
+            del acc, rows  # before the next group's pass
+        yield {"N": n_s, "order": order, "tensors": {n: tensors[n] for n in names}}
+
+
+def shard_factors(model: Any, tokenizer: Any, examples: list, max_length: int, chunk: int, blocks: int,
+                  group_mb: float = DEFAULT_GROUP_MB) -> list[dict[str, Any]]:
+    """`iter_shard_factors` as a list (one dict per block)."""
+    return list(iter_shard_factors(model, tokenizer, examples, max_length, chunk, blocks, group_mb))
 
 
 def merge_block(parts: list[dict[str, Any]], rho: float | None, k_max: int, k_fixed: int | None = None,
@@ -97,17 +110,9 @@ def merge_block(parts: list[dict[str, Any]], rho: float | None, k_max: int, k_fi
     out = {}
     for name in parts[0]["tensors"]:
         rows = [p["tensors"][name] for p in parts]
-        trace = sum(sq for _, _, sq in rows) / N
-        n = rows[0][1].shape[1]
-        if trace <= eps:  # as fisher_subspace: zero gradients give an empty subspace
-            z = torch.zeros(n, 0, dtype=torch.float64)
-            out[name] = Subspace(z.float(), z.new_zeros(0).float(), trace)
-            continue
-        M = torch.cat([S.unsqueeze(1) * Vh for S, Vh, _ in rows]) / N**0.5  # (Σ r_s, n)
-        _, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        lam = S**2
-        k = select_rank(lam, rho, k_max, k_fixed)
-        out[name] = Subspace(Vh[:k].T.contiguous().float(), lam[:k].float(), trace)
+        trace = sum(sq for _, sq in rows) / N
+        M = torch.cat([R for R, _ in rows])  # (Σ r_s, n) float32
+        out[name] = rows_subspace(M, N, rho, k_max, k_fixed, eps, trace=trace)
     return out
 
 
@@ -127,7 +132,7 @@ def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k
         if model is None:
             model, tokenizer = load_peft_model(job.model, job.adapter)
         return safety_subspaces(model, tokenizer, job.examples, job.max_length, rho, k_max, k_fixed,
-                                chunk=job.chunk, eps=eps)
+                                chunk=job.chunk, eps=eps, group_mb=job.group_mb)
 
     import ray
 
@@ -156,13 +161,18 @@ def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k
     return {n: out[n] for n in order}
 
 
-def _shard_task(job: SSIJob, examples: list, blocks: int, threads: int, use_gpu: bool) -> Any:
+def _shard_task(job: SSIJob, examples: list, blocks: int, threads: int, use_gpu: bool) -> Iterator[dict]:
+    """A generator with num_returns = blocks: Ray stores each block's factors as it is yielded."""
     torch.set_num_threads(threads)
     model, tokenizer = load_peft_model(job.model, job.adapter)
     model = model.to("cuda") if use_gpu else model
-    parts = shard_factors(model, tokenizer, examples, job.max_length, job.chunk, blocks)
-    parts += [{"N": len(examples), "order": parts[0]["order"], "tensors": {}}] * (blocks - len(parts))
-    return tuple(parts) if blocks > 1 else parts[0]
+    done = 0
+    for part in iter_shard_factors(model, tokenizer, examples, job.max_length, job.chunk, blocks, job.group_mb):
+        yield part
+        done += 1
+    order = [n for n, _ in lora_sizes(model)]
+    for _ in range(blocks - done):  # more blocks than tensors: empty ones
+        yield {"N": len(examples), "order": order, "tensors": {}}
 
 
 def _merge_task(rho: float | None, k_max: int, k_fixed: int | None, eps: float,

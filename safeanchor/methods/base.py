@@ -102,7 +102,7 @@ class Context:
     # services the pipeline provides
     train: Callable[[TrainPhase], dict] | None = None  # train(phase) -> stats (runs phase_hooks)
     probe_safety: Callable[[], float] | None = None  # refusal rate on the probe set, now
-    # fisher_subspaces(examples, rho, k_max, k_fixed, chunk, max_length) -> {tensor: Subspace}
+    # fisher_subspaces(examples, rho, k_max, k_fixed, chunk, max_length, group_mb=None) -> {tensor: Subspace}
     # at the current model (SSI; on Ray tasks under cluster.executor=ray)
     fisher_subspaces: Callable[..., dict] | None = None
     log: Callable[[str], None] = print

@@ -34,7 +34,7 @@ from safeanchor.methods.base import (
     trainable_device,
 )
 from safeanchor.models import lora_parameters
-from safeanchor.ssi import safety_subspaces
+from safeanchor.ssi import DEFAULT_GROUP_MB, safety_subspaces
 from safeanchor.subspace.anchor import anchor_kl, cached_reference
 from safeanchor.subspace.fisher import (
     Subspace,
@@ -54,6 +54,7 @@ class SafeAnchorConfig:
     k_fixed: int | None = field(default=None, metadata={"doc": "fixed rank instead of the energy rule (null: use rho)"})
     calib_size: int | None = field(default=None, metadata={"doc": "calibration examples used for SSI (null: all; paper 500)"})
     grad_chunk: int = field(default=16, metadata={"doc": "examples per vmap chunk of per-example gradients (memory)"})
+    ssi_group_mb: float = field(default=DEFAULT_GROUP_MB, metadata={"doc": "SSI memory budget (MiB) for the per-example gradient rows held at once: LoRA tensors are processed in groups under it, one pass over the calibration set per group (at 7B, N 500: ~1 GiB per layer of q/k/v/o r 16)"})
     lam: float = field(default=0.5, metadata={"doc": "adaptive relaxation α_i = clip(1 − lam·t̃_i, 0, 1) (paper λ = 0.5)"})
     trace_norm: str = field(default="max", metadata={"doc": "t̃_i = trace_i / max_j trace_j ('max'), trace_i / Σ_j trace_j ('share') or trace_i / mean_j trace_j ('mean')"})
     strict: bool = field(default=False, metadata={"doc": "ablation: α = 0 everywhere (full projection)"})
@@ -83,6 +84,7 @@ class SafeAnchorConfig:
         check(self.k_fixed is None or self.k_fixed >= 1, "k_fixed", "must be >= 1")
         check(self.calib_size is None or self.calib_size >= 1, "calib_size", "must be >= 1")
         check(self.grad_chunk >= 1, "grad_chunk", "must be >= 1")
+        check(self.ssi_group_mb >= 0, "ssi_group_mb", "must be >= 0 (0: one tensor per pass)")
         check(self.lam >= 0, "lam", "must be >= 0")
         check(self.trace_norm in ("max", "share", "mean"), "trace_norm", "must be 'max', 'share' or 'mean'")
         check(0 <= self.alpha_fixed <= 1, "alpha_fixed", "must be in [0, 1]")
@@ -145,10 +147,11 @@ class SafeAnchor(Method):
         """Fresh per-tensor subspaces at the current model (no merge)."""
         if ctx.fisher_subspaces is not None:  # the pipeline's service (Ray tasks or in-process)
             return ctx.fisher_subspaces(self._calib_examples(ctx), self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed,
-                                        self.cfg.grad_chunk, ctx.max_length)
+                                        self.cfg.grad_chunk, ctx.max_length, group_mb=self.cfg.ssi_group_mb)
         # no pipeline (a method used on its own): in this process, at ctx.model
         return safety_subspaces(ctx.model, ctx.tokenizer, self._calib_examples(ctx), ctx.max_length,
-                                self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed, chunk=self.cfg.grad_chunk)
+                                self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed, chunk=self.cfg.grad_chunk,
+                                group_mb=self.cfg.ssi_group_mb)
 
     def _build_projection(self, model) -> None:
         """Per-tensor (V, α) for the gradient hooks; tensors with k = 0 or α = 1 are skipped.

@@ -371,11 +371,14 @@ class Runner:
         self.method.end_phase(self.ctx, phase.hooks, out.hook_stats)
         return out.stats
 
-    def fisher_subspaces(self, examples, rho, k_max, k_fixed, chunk, max_length) -> dict:
-        """SSI at the live model: Ray tasks (shards + per-block merges) or in-process."""
+    def fisher_subspaces(self, examples, rho, k_max, k_fixed, chunk, max_length, group_mb=None) -> dict:
+        """SSI at the live model: Ray tasks (shards + per-block merges) or in-process (streaming,
+        `group_mb` MiB of gradient rows at a time; None: the default)."""
         from safeanchor.distributed.ssi import SSIJob, identify_subspaces
+        from safeanchor.ssi import DEFAULT_GROUP_MB
 
-        job = SSIJob(self.run_.model_spec, adapter_bytes(self.model), list(examples), max_length, chunk)
+        job = SSIJob(self.run_.model_spec, adapter_bytes(self.model), list(examples), max_length, chunk,
+                     DEFAULT_GROUP_MB if group_mb is None else group_mb)
         return identify_subspaces(job, self.cfg.cluster, rho, k_max, k_fixed, model=self.model, tokenizer=self.tok,
                                   log=self.log)
 

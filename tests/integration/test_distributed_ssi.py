@@ -84,20 +84,20 @@ def assert_same(got: dict, want: dict) -> None:
         assert projector_distance(g.V, w.V) < 1e-4, name
 
 
-def test_shard_sends_factors_not_gradients(full_grads, calib, world):
-    """A shard's (S, Vh) reproduce GᵀG of its examples; Vh has orthonormal rows; the merge of
-    the shards' factors equals fisher_subspace of the stacked gradients (in-process)."""
+def test_shard_sends_float32_factors(full_grads, calib, world):
+    """A shard's factor R (float32, min(N_s, n) rows: here N_s < n, so its gradient rows) has
+    RᵀR = G_sᵀG_s and ships ‖G_s‖² exactly; the merge of the shards' factors equals
+    fisher_subspace of the stacked gradients (in-process). One tensor per pass (group_mb 0)."""
     model, tok = load_peft_model(world.model, world.adapter)
-    parts = [shard_factors(model, tok, calib[lo:hi], 96, 16, blocks=2)
+    parts = [shard_factors(model, tok, calib[lo:hi], 96, 16, blocks=2, group_mb=0)
              for lo, hi in shard_bounds(N_CALIB, 2)]
     assert [p[0]["N"] for p in parts] == [7, 6] and len(parts[0]) == 2
     name = next(iter(parts[0][0]["tensors"]))
-    S, Vh, sq = parts[0][0]["tensors"][name]
-    assert Vh.shape[0] == S.shape[0] == 7  # r = min(N_s, n) rows, not one per example of the set
-    torch.testing.assert_close(Vh @ Vh.T, torch.eye(7, dtype=Vh.dtype), atol=1e-10, rtol=0)
+    R, sq = parts[0][0]["tensors"][name]
+    assert R.dtype == torch.float32 and R.shape[0] == 7  # r = min(N_s, n) rows, not one per example of the set
     G = full_grads[name][:7].double()
-    torch.testing.assert_close(Vh.T @ torch.diag(S**2) @ Vh, G.T @ G, atol=1e-12, rtol=1e-8)
-    assert sq == pytest.approx(float((G * G).sum()), rel=1e-12)
+    torch.testing.assert_close(R.double().T @ R.double(), G.T @ G, atol=1e-6 * float((G * G).sum()), rtol=0)
+    assert sq == pytest.approx(float((G * G).sum()), rel=1e-6)
     merged = {}
     for b in range(2):
         merged.update(merge_block([p[b] for p in parts], rho=0.9, k_max=8))
