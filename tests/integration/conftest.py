@@ -1,0 +1,38 @@
+"""What the Ray integration tests share: the tiny preset, a toy-world cache, one Ray per module.
+
+`ray_instance` starts a local Ray (2 CPUs, token authentication off: tests only, the product
+keeps it on) once per test module — `ray.init` costs 3-4 s — and yields its GCS address, so a
+test can hand it to subprocesses (RAY_ADDRESS). `cache` is a toy-world cache directory built
+once per module (the tiny world builds in seconds); modules that need their own define their
+own `cache` fixture, which takes precedence.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "workflows" / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    import ray
+
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only; the product keeps token auth
+    ray.init(num_cpus=2)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = old
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("toycache")
