@@ -110,6 +110,18 @@ def check_finished_cells(root: RunDir, cfgs: dict[str, Any]) -> None:
                           + "; use another --storage (or remove those cells)")
 
 
+def finished(root: RunDir, cell: Cell, cfg) -> bool:
+    """The cell's summary.json exists — under its run id, or under `<method>-seed<s>`, where
+    compare.py wrote runs before it knew orders, if that run's config is this cell's."""
+    if root.sub(cell.run_id).is_file("summary.json"):
+        return True
+    legacy = root.sub(f"{cell.arm}-seed{cell.seed}")
+    if not (legacy.is_file("summary.json") and legacy.is_file("config.yaml")):
+        return False
+    saved = signature(yaml.safe_load(legacy.read_text("config.yaml")))
+    return first_difference(saved, config_signature(cfg)) is None
+
+
 class _CellLog:
     """A cell's log: appended line by line to <storage>/logs/<run id>.log on a local disk, or
     collected and written when the cell ends on other filesystems (no append there)."""
@@ -180,7 +192,7 @@ def run_compare(spec: CompareSpec, num_cpus: int | None = None, log=print) -> di
     check_finished_cells(root, cfgs)
     _merge_arms(state, spec.arms)
     state.update(reference_order=list(reference), overrides=list(spec.overrides))
-    todo = [c for c in cells if not root.sub(c.run_id).is_file("summary.json")]
+    todo = [c for c in cells if not finished(root, c, cfgs[c.run_id])]
     log(f"[compare] {len(cells)} cells ({len(spec.arms)} arms x {len(spec.seeds)} seeds x {len(spec.orders)} orders"
         f"{'; variants at the reference order' if any(a.variant for a in spec.arms) else ''}): "
         f"{len(cells) - len(todo)} finished earlier, {len(todo)} to run -> {storage}")

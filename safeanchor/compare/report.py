@@ -177,10 +177,9 @@ def build(entries: list[Entry], unfinished: list[str], state: dict[str, Any]) ->
     lines += ["", f"## Table 1: methods (order {_arrow(reference)}, T = {len(reference)})", ""]
     table1, agg = _table(at_ref, methods)
     lines.append(table1 if any(m in agg for m in methods) else "No finished cell at this order.")
-    for m in methods:
-        if m in arms_def:
-            a = arms_def[m]
-            lines.append(f"\n- `{m}`: preset `{a['config']}`" + (f", {a['overrides']}" if a["overrides"] else ""))
+    described = [m for m in methods if m in arms_def]
+    lines += [""] if described else []
+    lines += [f"- `{m}`: preset `{arms_def[m]['config']}`" for m in described]
     for arm, row in agg.items():
         metrics.update({f"{arm}/{k}": v[0] for k, v in row.items() if not math.isnan(v[0])})
 
@@ -205,8 +204,9 @@ def build(entries: list[Entry], unfinished: list[str], state: dict[str, Any]) ->
         lines += ["", f"No T = 5 cells here (T present: {', '.join(map(str, lengths))}); `--T 5` runs them."]
 
     lines += ["", "## Plots", ""]
-    lines += [f"![{p[:-4]}]({p})" for p in PLOTS]
-    lines += [f"![forgetting T={t}](forgetting_T{t}.png)" for t in lengths if t != len(reference)]
+    images = [f"![{p[:-4]}]({p})" for p in PLOTS]
+    images += [f"![forgetting T={t}](forgetting_T{t}.png)" for t in lengths if t != len(reference)]
+    lines.append("\n\n".join(images))
 
     lines += ["", "## Cells", ""]
     counts = Counter(e.arm for e in entries)
