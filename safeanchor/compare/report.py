@@ -145,7 +145,7 @@ def _arm_order(state: dict[str, Any], entries: list[Entry], variants: bool) -> l
     names = [n for n, a in defined.items() if bool(a.get("variant")) == variants]
     if not variants:  # arms found on disk but not defined here (a storage from an earlier compare.py)
         names += sorted({e.arm for e in entries if e.arm not in defined})
-    return [n for n in names if any(e.arm == n for e in entries)] if entries else names
+    return names
 
 
 def _table(entries: list[Entry], rows: list[str]) -> tuple[str, dict]:
@@ -177,6 +177,7 @@ def build(entries: list[Entry], unfinished: list[str], state: dict[str, Any]) ->
     lines += ["", f"## Table 1: methods (order {_arrow(reference)}, T = {len(reference)})", ""]
     table1, agg = _table(at_ref, methods)
     lines.append(table1 if any(m in agg for m in methods) else "No finished cell at this order.")
+    lines += _missing(methods, agg)
     described = [m for m in methods if m in arms_def]
     lines += [""] if described else []
     lines += [f"- `{m}`: preset `{arms_def[m]['config']}`" for m in described]
@@ -187,7 +188,8 @@ def build(entries: list[Entry], unfinished: list[str], state: dict[str, Any]) ->
         bases = list(dict.fromkeys(arms_def[v]["method"] for v in variants if v in arms_def))
         lines += ["", f"## Ablations (order {_arrow(reference)}, T = {len(reference)})", ""]
         tab, agg = _table(at_ref, bases + variants)
-        lines.append(tab if agg else "No finished variant cell.")
+        lines.append(tab if agg else "No finished cell at this order.")
+        lines += _missing(variants, agg)
         lines.append("")
         for v in variants:
             a = arms_def.get(v, {})
@@ -218,6 +220,11 @@ def build(entries: list[Entry], unfinished: list[str], state: dict[str, Any]) ->
         lines += ["", f"Failed ({len(failures)}; their logs: `logs/<run id>.log`):", ""]
         lines += [f"- `{k}`: {v}" for k, v in sorted(failures.items())]
     return "\n".join(lines) + "\n", metrics, table1
+
+
+def _missing(arms: list[str], agg: dict) -> list[str]:
+    gone = [a for a in arms if a not in agg]
+    return [f"\nNo finished cell at this order yet: {', '.join(gone)} (see Cells)."] if gone else []
 
 
 def _orders_section(entries: list[Entry], methods: list[str], t: int) -> list[str]:

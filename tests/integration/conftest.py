@@ -2,9 +2,10 @@
 
 `ray_instance` starts a local Ray (2 CPUs, token authentication off: tests only, the product
 keeps it on) once per test module — `ray.init` costs 3-4 s — and yields its GCS address, so a
-test can hand it to subprocesses (RAY_ADDRESS). `cache` is a toy-world cache directory built
-once per module (the tiny world builds in seconds); modules that need their own define their
-own `cache` fixture, which takes precedence.
+test can hand it to subprocesses (RAY_ADDRESS). `cache` is one toy-world cache directory for
+the session: the tiny world is built by the first test that needs it (under the build's lock)
+and loaded by the others; modules that need their own define their own `cache` fixture, which
+takes precedence.
 """
 
 from __future__ import annotations
@@ -33,6 +34,6 @@ def ray_instance():
         os.environ["RAY_AUTH_MODE"] = old
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("toycache")

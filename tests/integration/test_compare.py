@@ -56,7 +56,9 @@ def test_compare_cells_report_resume_and_failure(ray_instance, cache, tmp_path):
     assert table1.startswith(": methods (order medical → legal, T = 2)")
     assert [r.split("|")[1:3] for r in table1.splitlines() if r.startswith("| lora") or r.startswith("| safeanchor")] \
         == [[" lora ", " 2 "], [" safeanchor ", " 2 "]]
-    assert "| broken |" not in report and "- `broken`: safeanchor + `data.safety_calib=" in report
+    ablations = _section(report, "Ablations")
+    assert "| broken |" not in report and "- `broken`: safeanchor + `data.safety_calib=" in ablations
+    assert "No finished cell at this order yet: broken" in ablations and "| safeanchor | 2 |" in ablations
     orders = _section(report, "Domain orders (T = 2)")
     assert "| lora | medical → legal | 2 |" in orders and "| safeanchor | legal → medical | 2 |" in orders
     assert "| lora | safety after |" in orders and "| safeanchor | domain_plastic |" in orders
@@ -77,14 +79,16 @@ def test_compare_cells_report_resume_and_failure(ray_instance, cache, tmp_path):
     # rerun: finished cells are not run again; a cell whose summary is missing (interrupted after
     # its last step) continues from its steps without executing any again; the failures are retried
     before = {i: (storage / i / "summary.json").stat().st_mtime_ns for i in ids[1:]}
+    logs = {i: (storage / "logs" / f"{i}.log").read_text() for i in ids}
     executions = (storage / ids[0] / "steps" / "_executions.jsonl").read_text()
     (storage / ids[0] / "summary.json").unlink()
     assert compare.main(argv) == 1
     assert {i: (storage / i / "summary.json").stat().st_mtime_ns for i in ids[1:]} == before
     assert (storage / ids[0] / "summary.json").is_file()
     assert (storage / ids[0] / "steps" / "_executions.jsonl").read_text() == executions
-    assert (storage / "logs" / f"{ids[1]}.log").read_text().count("=== ") == 1
-    assert (storage / "logs" / f"{ids[0]}.log").read_text().count("resumed") == 1
+    assert {i: (storage / "logs" / f"{i}.log").read_text() for i in ids[1:]} == {i: logs[i] for i in ids[1:]}
+    assert (storage / "logs" / f"{ids[0]}.log").read_text().removeprefix(logs[ids[0]]).startswith(
+        f"=== {ids[0]}: resumed")
     runs = _mlflow_runs(storage / "mlflow.db")
     assert [r[0] for r in runs if r[3] is None and r[1] == "compare-cmp"] == [state["mlflow_run_id"]]
     assert sorted(r[1] for r in runs if r[3] == state["mlflow_run_id"]) == sorted(ids)  # resumed in its own run
