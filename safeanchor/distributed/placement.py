@@ -71,5 +71,6 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=None if address else num_cpus)
-    # Helper processes Ray Train starts attach with a bare ray.init(): point them at this instance.
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+        # Helper processes Ray Train starts attach with a bare ray.init(): point them at this
+        # instance. (A caller that started Ray itself owns its environment: left alone.)
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)

@@ -23,15 +23,17 @@ TINY = str(ROOT / "workflows" / "configs" / "tiny.yaml")
 def ray_instance():
     import ray
 
-    old = os.environ.get("RAY_AUTH_MODE")
+    old = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only; the product keeps token auth
+    os.environ.pop("RAY_ADDRESS", None)
     ray.init(num_cpus=2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = old
+    for k, v in old.items():  # a RAY_ADDRESS left behind would point the next module at a dead Ray
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
