@@ -50,6 +50,8 @@ def test_compare_cells_report_resume_and_failure(ray_instance, cache, tmp_path):
     state = json.loads((storage / "compare.json").read_text())
     assert sorted(state["failures"]) == broken and all("missing.jsonl" in v for v in state["failures"].values())
     assert "Traceback" in (storage / "logs" / f"{broken[0]}.log").read_text()
+    # cells that start together with an unbuilt toy world: one builds it, the others wait and load it
+    assert sum(p.read_text().count("[toyworld] building") for p in (storage / "logs").iterdir()) <= 1
 
     report = (storage / "report.md").read_text()
     table1 = _section(report, "Table 1")

@@ -80,6 +80,19 @@ def test_variants_configs_and_arms(tmp_path):
     strict = cell_config(spec, arms[2], Cell("strict", 0, ("medical", "legal")), spec.storage)
     assert strict.method == "safeanchor" and strict.methods["safeanchor"]["strict"] is True
 
+    # a run of the earlier compare.py (<method>-seed<s>) with this cell's config counts as finished
+    from safeanchor.compare.driver import finished
+
+    legacy = RunDir.open(spec.storage).sub("lora-seed0")
+    legacy.write_text("config.yaml", dump_yaml(cfg))
+    assert not finished(RunDir.open(spec.storage), cells[0], cfg)  # no summary yet
+    legacy.write_json("summary.json", {"method": "lora"})
+    assert finished(RunDir.open(spec.storage), cells[0], cfg)
+    assert not finished(RunDir.open(spec.storage), cells[1], cell_config(spec, arms[1], cells[1], spec.storage))
+    other_order = next(c for c in cells if c.arm == "lora" and c.seed == 0 and c.order != cells[0].order)
+    assert not finished(RunDir.open(spec.storage), other_order, cell_config(spec, arms[0], other_order, spec.storage))
+    legacy.delete("")
+
     # a finished cell of another config in the same storage is refused, naming the key
     root = RunDir.open(spec.storage)
     root.sub(cfg.resolved_run_id()).write_text("config.yaml", dump_yaml(cfg))
@@ -105,8 +118,18 @@ def _write(root: RunDir, run_id: str, s: dict) -> None:
     root.sub(run_id).write_json("summary.json", s)
 
 
-def test_report_sections_spreads_and_plots(tmp_path):
-    root = RunDir.open(str(tmp_path / "cmp"))
+def _memory_dir(root: str) -> RunDir:
+    """An in-memory fsspec filesystem: the stand-in for an object store (nothing on local disk)."""
+    import fsspec
+    import pyarrow.fs as pafs
+
+    return RunDir(pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("memory"))), root)
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_report_sections_spreads_and_plots(tmp_path, where):
+    root = RunDir.open(str(tmp_path / "cmp")) if where == "local" else _memory_dir(f"/{tmp_path.name}/cmp")
+    assert (root.local_path() is None) == (where == "memory")
     o1, o2 = ("medical", "legal", "code"), ("legal", "code", "medical")
     o5 = (*o1, "finance", "chemistry")
     # lora: safety after = 0.2 + 0.1*seed + 0.3*(order 2): order spread 0.212, seed spread 0.071
@@ -168,3 +191,16 @@ def test_cli_errors_name_the_option(tmp_path, capsys):
         assert msg in capsys.readouterr().err
     spec = compare.build_spec(compare.parse_args(["--config", TINY, "--orders", "all", "--T", "2", "--seeds", "0-2"]))
     assert spec.seeds == [0, 1, 2] and len(spec.orders) == 6 and [a.name for a in spec.arms] == ["lora", "safeanchor"]
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_cell_log_appends_attempts(tmp_path, where):
+    from safeanchor.compare.driver import _CellLog
+
+    root = RunDir.open(str(tmp_path)) if where == "local" else _memory_dir(f"/{tmp_path.name}/logs")
+    for attempt in ("started", "resumed"):
+        log = _CellLog(root, "lora-seed0-medical")
+        log(f"=== {attempt} ===")
+        log("line")
+        log.close()
+    assert root.read_text("logs/lora-seed0-medical.log") == "=== started ===\nline\n=== resumed ===\nline\n"
