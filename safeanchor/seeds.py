@@ -76,3 +76,14 @@ def ewc_sample(seed: int, source: str, step: int) -> random.Random:
 def interleave_sample(seed: int, step: int) -> random.Random:
     """The safety examples mixed into domain `step` (interleave baseline)."""
     return random.Random(f"interleave:{seed}:{step}")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Seeds as a command line gives them: "0-4" (a range, both ends in), "100,101", "0-2,7"."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        lo, dash, hi = part.strip().partition("-")
+        out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    return out

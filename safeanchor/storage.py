@@ -159,6 +159,14 @@ class RunDir:
         infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=recursive))
         return sorted(i.path[len(base):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
 
+    def dirs(self, name: str = "") -> list[str]:
+        """Names of the directories directly under `name` (sorted); [] if it does not exist."""
+        base = self.path(name)
+        if self.fs.get_file_info(base).type != pafs.FileType.Directory:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=False))
+        return sorted(i.path[len(base):].strip("/") for i in infos if i.type == pafs.FileType.Directory)
+
     # -- writing (atomic) --------------------------------------------------------------------
     def mkdir(self, name: str = "") -> None:
         self.fs.create_dir(self.path(name), recursive=True)

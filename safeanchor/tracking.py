@@ -34,6 +34,7 @@ __all__ = [
     "NullTracker",
     "Tracker",
     "TrackingConfig",
+    "close_orphans",
     "flatten",
     "make_tracker",
     "numeric_scalars",
@@ -387,6 +388,19 @@ class Tracker:
         if self.run_id is not None and not self._ended:
             self.client.set_terminated(self.run_id, status)
             self._ended = True
+
+
+def close_orphans(client, experiment_id: str, parent: str) -> int:
+    """End the runs under `parent` (recursively) still marked RUNNING as KILLED: a pipeline run
+    whose process was stopped from outside (a Tune trial ASHA stopped, a cancelled Ray task, an
+    interrupt) dies with it and cannot end its own runs. Returns how many were ended."""
+    n = 0
+    for run in client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
+        n += close_orphans(client, experiment_id, run.info.run_id)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+            n += 1
+    return n
 
 
 def make_tracker(cfg: TrackingConfig, storage: RunDir | str | Path) -> Tracker | NullTracker:

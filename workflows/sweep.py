@@ -52,11 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_seeds(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        lo, dash, hi = part.strip().partition("-")
-        out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
-    return out
+    from safeanchor.seeds import parse_seeds as parse
+
+    return parse(text)
 
 
 def main(argv: list[str] | None = None) -> int:

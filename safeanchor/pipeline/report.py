@@ -41,13 +41,14 @@ def load_summaries(paths: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
-def aggregate(summaries: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """method -> column -> (mean, std, n) over its runs (seeds); n counts the FINITE values the
-    mean is taken over (a run whose value is NaN is not counted), so a cell says how many
-    runs it stands on."""
+def aggregate(summaries: list[dict[str, Any]], key=None) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """row -> column -> (mean, std, n) over its runs (seeds); a row is a method, or key(summary)
+    (workflows/compare.py: the arm, a method with its preset or a named variant). n counts the
+    FINITE values the mean is taken over (a run whose value is NaN is not counted), so a cell
+    says how many runs it stands on."""
     by: dict[str, list[dict[str, Any]]] = {}
     for s in summaries:
-        by.setdefault(s["method"], []).append(s)
+        by.setdefault(key(s) if key else s["method"], []).append(s)
     table = {}
     for m, runs in by.items():
         row = {}
@@ -61,9 +62,10 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, dict[str, tuple[floa
     return table
 
 
-def markdown(table: dict[str, dict[str, tuple[float, float, int]]], order: list[str] | None = None) -> str:
+def markdown(table: dict[str, dict[str, tuple[float, float, int]]], order: list[str] | None = None,
+             label: str = "method") -> str:
     names = order or list(table)
-    head = "| method | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    head = f"| {label} | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     sep = "|---" * (len(COLUMNS) + 2) + "|"
     rows = [head, sep]
     for m in names:

@@ -11,13 +11,14 @@ Layout under <storage>/<sweep_id>/ (Tune's experiment directory, plus):
 from __future__ import annotations
 
 import json
-import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from safeanchor.config import ConfigError, from_dict
+from safeanchor.distributed.placement import check_resources, concurrency, ensure_ray
+from safeanchor.distributed.placement import run_cpus as trial_cpus
+from safeanchor.distributed.placement import run_resources as trial_resources
 from safeanchor.sweep import report
 from safeanchor.sweep.objective import ObjectiveConfig
 from safeanchor.sweep.space import corners, to_tune
@@ -80,53 +81,6 @@ def check_space(spec: SweepSpec, ctx: TrialContext):
     return cfg
 
 
-def trial_cpus(cfg) -> tuple[float, float]:
-    """(CPUs pinned to the trial's own process, CPUs the trial holds at its peak).
-
-    local executor: the trial trains in its own process on `threads` CPUs. ray executor: the
-    trial process (evaluation, gates) takes 1 CPU and starts Ray Train workers / SSI tasks of
-    cluster.cpus_per_worker each, placed by Ray outside the trial's own reservation."""
-    c = cfg.cluster
-    own = float(cfg.threads or 1)
-    if c.executor == "local":
-        return own, own
-    return 1.0, 1.0 + c.cpus_per_worker * max(c.num_workers, c.ssi_workers)
-
-
-def trial_resources(cfg, cluster_gpus: float) -> dict[str, float]:
-    """What Tune reserves for the trial process: its CPUs and, when it trains in-process on a
-    cluster with GPUs, one worker's GPUs (Ray Train workers and SSI tasks reserve their own)."""
-    own, _ = trial_cpus(cfg)
-    res = {"CPU": own}
-    c = cfg.cluster
-    if c.executor == "local" and cluster_gpus > 0 and c.use_gpu is not False:
-        res["GPU"] = c.gpus_per_worker
-    return res
-
-
-def concurrency(cluster_cpus: float, peak: float, trials: int, cluster_gpus: float = 0.0,
-                trial_gpus: float = 0.0) -> int:
-    """Trials at once: as many as the cluster's CPUs (and GPUs) hold at their peak (at least 1)."""
-    n = int(math.floor(cluster_cpus / peak + 1e-9))
-    if trial_gpus > 0:
-        n = min(n, int(math.floor(cluster_gpus / trial_gpus + 1e-9)))
-    return max(1, min(trials, n))
-
-
-def check_resources(cfg, own: float) -> None:
-    """Refuse a sweep whose trials could never be placed (they would wait forever)."""
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 0.0)
-    c = cfg.cluster
-    need = own + (c.cpus_per_worker * c.num_workers if c.executor == "ray" else 0.0)
-    if need > cpus:
-        key = "cluster.num_workers" if c.executor == "ray" else "threads"
-        raise ConfigError(key, f"a trial needs {need:g} CPUs at once ({own:g} for the trial process"
-                          + (f", {c.num_workers} Train workers x {c.cpus_per_worker:g}" if c.executor == "ray" else "")
-                          + f"); the Ray cluster has {cpus:g}")
-
-
 def _save_spec(spec: SweepSpec) -> None:
     spec.dir.mkdir(parents=True, exist_ok=True)
     report.write_text(spec.dir / "sweep.json", json.dumps(asdict(spec), indent=2))
@@ -139,15 +93,6 @@ def load_spec(storage: str, sweep_id: str) -> SweepSpec:
     data = json.loads(path.read_text())
     data["objective"] = from_dict(ObjectiveConfig, data["objective"])
     return SweepSpec(**data)
-
-
-def _ensure_ray(address: str | None, num_cpus: int | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else num_cpus)
-        # Helper processes Ray Train starts attach with a bare ray.init(): this instance.
-        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False, num_cpus: int | None = None, log=print) -> dict[str, Any]:
@@ -163,10 +108,10 @@ def run_sweep(spec: SweepSpec, resume: bool = False, num_cpus: int | None = None
         # trials share nodes: a Train worker uses the CPUs it reserved, not its node's cores
         ctx.overrides.append(f"cluster.torch_threads_per_worker={max(1, int(cfg.cluster.cpus_per_worker))}")
     own, peak = trial_cpus(cfg)
-    _ensure_ray(cfg.cluster.address, num_cpus)
-    check_resources(cfg, own)
+    ensure_ray(cfg.cluster.address, num_cpus)
+    check_resources(cfg, own, "a trial")
 
-    from safeanchor.tracking import Tracker, make_tracker
+    from safeanchor.tracking import Tracker, close_orphans, make_tracker
 
     tracker = make_tracker(cfg.tracking, spec.dir)
     if isinstance(tracker, Tracker):
@@ -244,18 +189,6 @@ def _tune(spec: SweepSpec, ctx: TrialContext, cfg, peak: float, resume: bool, lo
         )
     tuner.fit()
     return write_outputs(spec, cfg, log)
-
-
-def close_orphans(client, experiment_id: str, parent: str) -> int:
-    """End the runs under `parent` (recursively) still marked RUNNING as KILLED: a trial that
-    Tune stopped (ASHA, an interrupt) dies with its process and cannot end its own runs."""
-    n = 0
-    for run in client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
-        n += close_orphans(client, experiment_id, run.info.run_id)
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "KILLED")
-            n += 1
-    return n
 
 
 def _trial_dirname(trial) -> str:

@@ -12,6 +12,7 @@ needs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -175,7 +176,29 @@ def build(cfg: ToyWorldConfig, log=print, force: bool = False) -> ToyWorld:
     report_path = root / "report.json"
     if report_path.exists() and not force:
         return ToyWorld(root, data, json.loads(report_path.read_text()))
+    # Several runs starting at once on one machine (compare.py's cells, a sweep's trials) would
+    # each build the same world and replace each other's directory while another reads it: the
+    # first builds under an exclusive lock, the others wait for it and load its world.
+    with _build_lock(root):
+        if report_path.exists() and not force:
+            return ToyWorld(root, data, json.loads(report_path.read_text()))
+        return _build(cfg, root, data, log)
 
+
+@contextlib.contextmanager
+def _build_lock(root: Path):
+    import fcntl
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(cfg: ToyWorldConfig, root: Path, data: ToyData, log) -> ToyWorld:
     t0 = time.perf_counter()
     with atomic_dir(root, mode=None) as tmp:  # mode None: as before, the directory stays private (0o700)
         log(f"[toyworld] building {root} (once; later runs load it from the cache)")

@@ -8,7 +8,6 @@ orthonormal V1 (n, k1), V2 (n, k2); the first form does not need exact orthonorm
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -31,21 +30,6 @@ from safeanchor.train.phase import load_peft_model
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 N_CALIB = 13  # shards of 7 and 6 examples: a per-shard 1/N_s scaling would be caught
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only; the product keeps token auth
-    ray.init(num_cpus=2)
-    yield ray
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = old
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +90,7 @@ def test_shard_sends_float32_factors(full_grads, calib, world):
 
 
 @pytest.mark.parametrize("rho,k_max,k_fixed", [(0.9, 8, None), (None, 64, 13)], ids=["rho0.9", "all13"])
-def test_ray_ssi_equals_fisher_subspace(ray_cluster, full_grads, calib, world, rho, k_max, k_fixed):
+def test_ray_ssi_equals_fisher_subspace(ray_instance, full_grads, calib, world, rho, k_max, k_fixed):
     """2 shard tasks x 2 merge tasks on Ray == fisher_subspace on the full gradient matrix."""
     job = SSIJob(world.model, world.adapter, calib)
     t0 = time.perf_counter()

@@ -6,40 +6,17 @@ Two training steps per method on the tiny preset, 2 Train workers on one shared 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "workflows"))
 import sequential  # noqa: E402  (workflows/sequential.py)
 
 from safeanchor.methods import METHODS  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
-TINY = str(ROOT / "workflows" / "configs" / "tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    import ray
-
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only; the product keeps token auth
-    ray.init(num_cpus=2)
-    yield ray
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = old
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("toycache")
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "workflows"))
 import sequential  # noqa: E402  (workflows/sequential.py)
 import sweep  # noqa: E402  (workflows/sweep.py)
@@ -27,27 +27,6 @@ import sweep  # noqa: E402  (workflows/sweep.py)
 from safeanchor.pipeline.config import load_run_config  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
-TINY = str(ROOT / "workflows" / "configs" / "tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    import ray
-
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only; the product keeps token auth
-    ray.init(num_cpus=2)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = old
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("toycache")
 
 
 def _results(trial_dir: Path) -> list[dict]:

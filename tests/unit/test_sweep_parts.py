@@ -259,7 +259,7 @@ def test_concurrency_from_resources():
     assert trial_resources(local, 4) == {"CPU": 2.0, "GPU": 1.0}
     assert trial_resources(load_run_config(TINY, ["cluster.use_gpu=false"]), 4) == {"CPU": 1.0}
     assert trial_resources(ray_cfg, 4) == {"CPU": 1.0}  # Train workers reserve their own GPUs
-    assert concurrency(16, 2.0, 10, cluster_gpus=2, trial_gpus=1.0) == 2
+    assert concurrency(16, 2.0, 10, cluster_gpus=2, run_gpus=1.0) == 2
 
 
 def _sweep_main():
