@@ -76,6 +76,9 @@ def cell_config(spec: CompareSpec, arm: Arm, cell: Cell, storage: str):
     except ConfigError as e:
         raise ConfigError(e.key, f"{e.msg} (arm {arm.name}: {arm.describe()})") from None
     cfg.threads = int(spec.threads or cfg.threads or 1)
+    if cfg.cluster.executor == "ray" and cfg.cluster.torch_threads_per_worker is None:
+        # cells share nodes: a cell's Train workers use the CPUs they reserved, not their node's cores
+        cfg.cluster.torch_threads_per_worker = max(1, int(cfg.cluster.cpus_per_worker))
     return cfg
 
 
