@@ -100,7 +100,8 @@ class _GradsBeforeStep(TrainerCallback):
         self.grads = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-        self.grads.append({n: p.grad.detach().clone() for n, p in lora_parameters(model).items()})
+        if all(p.grad is not None for p in lora_parameters(model).values()):  # None under DeepSpeed ZeRO-2
+            self.grads.append({n: p.grad.detach().clone() for n, p in lora_parameters(model).items()})
 
 
 def trainer_args(tmp_path, ga, steps=2, **kw):
@@ -199,3 +200,27 @@ def test_sft_trainer_update_equals_pipeline_step(tok, tmp_path, reference):
     for got, want in zip(grads, want_grads, strict=True):
         assert_same(got, clipped(want), GRAD_ATOL)
     assert_same(lora_state(model), want_params)
+
+
+def test_deepspeed_zero2_update_equals_pipeline_step():
+    """The Trainer's DeepSpeed integration (ZeRO-2, fp32, one CPU process, gradient accumulation
+    2x2): the projection hooks run before DeepSpeed's reduction and its own clip + step inside
+    `accelerator.backward`; the parameters after two steps equal the pipeline's. Its own process:
+    one torch.distributed group per process."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = Path(__file__).with_name("trainer_zero2.py")
+    out = subprocess.run([sys.executable, str(script), port], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["anchor"] == {"steps": 2, "anchor_batches": 2}
+    assert res["grads_seen_before_step"] == 0  # ZeRO-2: p.grad is gone by on_pre_optimizer_step (the step ran)
+    assert res["max_diff"] < ATOL
