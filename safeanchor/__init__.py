@@ -14,3 +14,25 @@ _QUIET_FUTURE_WARNINGS = (
 )
 for _message in _QUIET_FUTURE_WARNINGS:
     _warnings.filterwarnings("ignore", message=_message, category=FutureWarning)
+
+# The small Python API (safeanchor.api) and the transformers callback, exported lazily so that
+# `import safeanchor` stays cheap (Ray workers import it; the callback imports transformers).
+_API = ("AnchorLoss", "CSMResult", "GradientProjector", "Subspaces", "alphas", "as_examples", "csm_check",
+        "identify", "merge", "probe_safety")
+__all__ = [*_API, "SafeAnchorCallback", "SafeAnchorConfig"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from safeanchor import api
+
+        return getattr(api, name)
+    if name == "SafeAnchorCallback":
+        from safeanchor.integrations.hf_trainer import SafeAnchorCallback
+
+        return SafeAnchorCallback
+    if name == "SafeAnchorConfig":
+        from safeanchor.methods.safeanchor import SafeAnchorConfig
+
+        return SafeAnchorConfig
+    raise AttributeError(f"module 'safeanchor' has no attribute {name!r}")

@@ -43,9 +43,23 @@ def _per_example_mode(model) -> Iterator[None]:
     hf_cfg = model.get_base_model().config
     prev_attn = hf_cfg._attn_implementation
     hf_cfg._attn_implementation = "eager"
+    # transformers' / peft's `enable_input_require_grads` (Trainer and TRL's SFTTrainer turn it on
+    # with gradient checkpointing) puts a forward hook on the input embeddings that calls
+    # requires_grad_(), which vmap refuses; the LoRA gradients do not need it: those hooks (only
+    # them) are taken off for SSI and put back as they were.
+    saved = []
+    for m in model.modules():
+        drop = [k for k, fn in m._forward_hooks.items() if "make_inputs_require_grad" in getattr(fn, "__qualname__", "")]
+        if drop:
+            saved.append((m, dict(m._forward_hooks)))
+            for k in drop:
+                del m._forward_hooks[k]
     try:
         yield
     finally:
+        for m, hooks in saved:
+            m._forward_hooks.clear()
+            m._forward_hooks.update(hooks)
         hf_cfg._attn_implementation = prev_attn
         model.train(was_training)
 

@@ -109,17 +109,37 @@ class Context:
     state: dict[str, Any] = field(default_factory=dict)  # pipeline-level facts (e.g. s_0)
     seed: int | None = None  # the run seed (default: run_cfg.seed)
     max_length: int | None = None  # tokens per example (default: run_cfg.train.max_length)
+    # the domain phase's TrainConfig, which gated phases derive theirs from (default: run_cfg.train)
+    train_cfg: Any = None
 
     def __post_init__(self) -> None:
         if self.seed is None and self.run_cfg is not None:
             self.seed = self.run_cfg.seed
         if self.max_length is None and self.run_cfg is not None:
             self.max_length = self.run_cfg.train.max_length
+        if self.train_cfg is None and self.run_cfg is not None:
+            self.train_cfg = self.run_cfg.train
 
 
 def trainable_device(model: torch.nn.Module) -> torch.device:
     """Where the trainable tensors live: the device a method's per-phase caches go to."""
     return next(p for p in model.parameters() if p.requires_grad).device
+
+
+def train_in_process(method: Method, ctx: Context, phase: TrainPhase,
+                     log: Callable[[str], None] | None = print, train: Callable[..., dict] | None = None) -> dict[str, Any]:
+    """Train `phase` on ctx.model in this process with the method's hooks for it (the pipeline's
+    executor `local`, and the transformers callback's replay): torch seeded with the phase seed
+    (dropout: a resumed phase replays identically), `method.end_phase` fed the hooks' stats.
+    `train`: the loop (default `safeanchor.train.loop.train_examples`). Returns the loop's stats."""
+    if train is None:
+        from safeanchor.train.loop import train_examples as train
+
+    torch.manual_seed(phase.seed)
+    hooks = method.phase_hooks(ctx, phase.hooks)
+    stats = train(ctx.model, ctx.tokenizer, phase.examples, phase.cfg, phase.seed, hooks, phase.tag, log)
+    method.end_phase(ctx, phase.hooks, hook_stats(hooks))
+    return stats
 
 
 def hook_stats(hooks: Any) -> dict[str, Any]:

@@ -36,13 +36,8 @@ from safeanchor.methods.base import (
 from safeanchor.models import lora_parameters
 from safeanchor.ssi import DEFAULT_GROUP_MB, safety_subspaces
 from safeanchor.subspace.anchor import anchor_kl, cached_reference
-from safeanchor.subspace.fisher import (
-    Subspace,
-    merge_subspaces,
-    project,
-    project_batched,
-    random_basis,
-)
+from safeanchor.subspace.fisher import Subspace, merge_subspaces, random_basis
+from safeanchor.subspace.projection import GradientProjection
 
 
 @dataclass
@@ -121,6 +116,31 @@ def alphas_from_traces(traces: dict[str, float], cfg: SafeAnchorConfig) -> dict[
     return {k: min(1.0, max(0.0, 1.0 - cfg.lam * t / denom)) for k, t in traces.items()}
 
 
+def csm_threshold(s0: float, tau: float) -> float:
+    """CSM's gate (ALGORITHMS.md §4): replay when s_t < (1 − τ)·s_0."""
+    return (1 - tau) * s0
+
+
+def safety_batches(tokenizer, examples: list, size: int, max_length: int, seed: int, device: torch.device,
+                   kinds: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
+    """The anchor / replay safety batches: `examples` (those whose meta 'kind' is in `kinds`,
+    if given) encoded with `max_length`, in the seeded order of `seeds.safety_batch_order`,
+    collated `size` at a time on `device`."""
+    if kinds is not None:
+        chosen = [e for e in examples if e.meta.get("kind") in kinds]
+        if not chosen:
+            found = sorted({str(e.meta.get("kind")) for e in examples})
+            raise ConfigError("methods.safeanchor.anchor_kinds",
+                              f"no calibration example has a meta 'kind' in {kinds} (kinds present: {found})")
+        examples = chosen
+    feats = encode_dataset(tokenizer, examples, max_length)
+    order = list(range(len(feats)))
+    seeds.safety_batch_order(seed).shuffle(order)
+    pad = tokenizer.pad_token_id
+    return [{k: v.to(device) for k, v in collate([feats[i] for i in order[s : s + size]], pad).items()}
+            for s in range(0, len(order), size)]
+
+
 @register_method("safeanchor", SafeAnchorConfig)
 class SafeAnchor(Method):
     def __init__(self, cfg: SafeAnchorConfig) -> None:
@@ -128,8 +148,7 @@ class SafeAnchor(Method):
         self.subspaces: dict[str, Subspace] = {}
         self.random_V: dict[str, torch.Tensor] = {}  # subspace: random — the control's bases
         self.alpha: dict[str, float] = {}
-        self._proj: dict[str, tuple[torch.Tensor, float]] = {}
-        self._groups: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
+        self.projection = GradientProjection({})  # built per phase by `_build_projection`
         self.s0: float | None = None
         self.csm_log: list[dict[str, Any]] = []
         self.ssi_log: list[dict[str, Any]] = []
@@ -154,56 +173,33 @@ class SafeAnchor(Method):
                                 group_mb=self.cfg.ssi_group_mb)
 
     def _build_projection(self, model) -> None:
-        """Per-tensor (V, α) for the gradient hooks; tensors with k = 0 or α = 1 are skipped.
-        Also the batched form: tensors of the same size stacked, V zero-padded to the group's
-        largest k (zero columns project nothing), for `transform_grads`. V lives with its
-        parameter (device and dtype; subspaces arrive on CPU from SSI or a checkpoint), so a
-        step moves nothing."""
-        params = lora_parameters(model)
-        self._proj = {}
-        for name, p in params.items():
-            sub = self.subspaces.get(name)
-            if not self.cfg.projection or sub is None or sub.k == 0 or self.alpha.get(name, 1.0) >= 1.0:
-                continue
-            V = self.random_V[name] if self.cfg.subspace == "random" else sub.V
-            self._proj[name] = (V.to(device=p.device, dtype=p.dtype), self.alpha[name])
-        by_size: dict[tuple[int, torch.dtype, torch.device], list[str]] = {}
-        for name, (V, _) in self._proj.items():
-            by_size.setdefault((V.shape[0], V.dtype, V.device), []).append(name)
-        self._groups = []
-        for (n, dtype, device), names in by_size.items():
-            k = max(self._proj[x][0].shape[1] for x in names)
-            Vs = torch.zeros(len(names), n, k, dtype=dtype, device=device)
-            for i, x in enumerate(names):
-                V = self._proj[x][0]
-                Vs[i, :, : V.shape[1]] = V
-            alpha = torch.tensor([self._proj[x][1] for x in names], dtype=dtype, device=device)
-            self._groups.append((names, Vs, alpha))
+        """Per-tensor (V, α) for the gradient hooks and their batched form
+        (`subspace.projection.GradientProjection`); tensors with k = 0 or α = 1 are skipped, and
+        nothing is projected with `projection` off. V lives with its parameter (device and dtype;
+        subspaces arrive on CPU from SSI or a checkpoint), so a step moves nothing."""
+        bases: dict[str, torch.Tensor] = {}
+        if self.cfg.projection:
+            source = self.random_V if self.cfg.subspace == "random" else {n: s.V for n, s in self.subspaces.items()}
+            bases = {n: V for n, V in source.items() if n in self.subspaces and self.subspaces[n].k > 0}
+        self.projection = GradientProjection.for_params(lora_parameters(model), bases, self.alpha)
+
+    @property
+    def _proj(self) -> dict[str, tuple[torch.Tensor, float]]:
+        return self.projection.entries
+
+    @property
+    def _groups(self) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+        return self.projection.groups
 
     def transform_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
-        entry = self._proj.get(name)
-        if entry is None:
-            return None
-        V, alpha = entry
-        return project(grad.reshape(-1), V, alpha).view_as(grad)  # ĝ = g − (1 − α)·V(Vᵀg)
+        return self.projection.transform_grad(name, grad)  # ĝ = g − (1 − α)·V(Vᵀg)
 
     def transform_grads(self, grads: dict[str, torch.Tensor]) -> None:
         """The same projection on every full gradient at once, in place: one bmm per group of
         same-size tensors (`fisher.project_batched`). The single-process loop uses this after
         backward; the DeepSpeed engine keeps the per-tensor hooks (it must project the local
         gradient before ZeRO reduces and partitions it)."""
-        for names, V, alpha in self._groups:
-            idx = [i for i, x in enumerate(names) if x in grads]
-            if not idx:
-                continue
-            if len(idx) < len(names):
-                sel = torch.tensor(idx, device=V.device)
-                V, alpha = V[sel], alpha[sel]
-            G = torch.stack([grads[names[i]].reshape(-1) for i in idx])
-            out = project_batched(G, V, alpha)
-            for j, i in enumerate(idx):
-                g = grads[names[i]]
-                g.copy_(out[j].view_as(g))
+        self.projection.transform_grads(grads)
 
     # ---- hooks ----------------------------------------------------------------------
     def setup(self, ctx: Context) -> None:
@@ -212,20 +208,8 @@ class SafeAnchor(Method):
             ctx.log(f"  [csm] s_0 = {self.s0:.3f} on {len(ctx.safety_probe)} probe prompts")
 
     def _batches(self, ctx: Context, size: int, kinds: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
-        examples = ctx.safety_calib
-        if kinds is not None:
-            examples = [e for e in examples if e.meta.get("kind") in kinds]
-            if not examples:
-                found = sorted({str(e.meta.get("kind")) for e in ctx.safety_calib})
-                raise ConfigError("methods.safeanchor.anchor_kinds",
-                                  f"no calibration example has a meta 'kind' in {kinds} (kinds present: {found})")
-        feats = encode_dataset(ctx.tokenizer, examples, ctx.max_length)
-        order = list(range(len(feats)))
-        seeds.safety_batch_order(ctx.seed).shuffle(order)
-        pad = ctx.tokenizer.pad_token_id
-        device = trainable_device(ctx.model)
-        return [{k: v.to(device) for k, v in collate([feats[i] for i in order[s : s + size]], pad).items()}
-                for s in range(0, len(order), size)]
+        return safety_batches(ctx.tokenizer, ctx.safety_calib, size, ctx.max_length, ctx.seed,
+                              trainable_device(ctx.model), kinds)
 
     def before_domain(self, ctx: Context) -> None:
         t0 = time.perf_counter()
@@ -284,7 +268,7 @@ class SafeAnchor(Method):
         if not self.cfg.csm:
             return Gate()
         s = ctx.probe_safety()
-        thr = (1 - self.cfg.tau) * self.s0
+        thr = csm_threshold(self.s0, self.cfg.tau)
         if round == 0:
             self.csm_log.append({"domain": ctx.domain, "s_t": s, "s_0": self.s0, "threshold": thr,
                                  "triggered": s < thr, "rounds": 0, "s_after": s})
@@ -299,7 +283,7 @@ class SafeAnchor(Method):
         rec["rounds"] += 1
         n = self.cfg.replay_steps * self.cfg.replay_batch
         task = seeds.replay_sample(ctx.seed, ctx.step, rec["rounds"]).choices(ctx.domain_train, k=n)
-        tcfg = replace(ctx.run_cfg.train, lr=self.cfg.replay_lr, batch_size=self.cfg.replay_batch,
+        tcfg = replace(ctx.train_cfg, lr=self.cfg.replay_lr, batch_size=self.cfg.replay_batch,
                        epochs=1.0, max_steps=self.cfg.replay_steps, warmup_ratio=0.0, schedule="constant")
         phase = TrainPhase(task, tcfg, seeds.replay_phase(ctx.seed, ctx.step, rec["rounds"]),
                            f"replay {rec['rounds']}", hooks="replay")

@@ -23,7 +23,7 @@ from safeanchor.data import ChatExample, load_examples
 from safeanchor.evaluation import EvalSuite, evaluate, load_extra_files, probe_safety
 from safeanchor.judges import build_judge
 from safeanchor.methods import Context, build_method
-from safeanchor.methods.base import TrainPhase, hook_stats
+from safeanchor.methods.base import TrainPhase, train_in_process
 from safeanchor.models import add_lora, load_model, load_tokenizer, resolve, revision_for
 from safeanchor.pipeline.config import RunConfig
 from safeanchor.pipeline.store import (
@@ -348,12 +348,7 @@ class Runner:
     def train_phase(self, phase: TrainPhase) -> dict[str, Any]:
         """Train one phase in-process (executor local) or on Ray Train workers (executor ray)."""
         if not self.ray or phase.hooks in self.method.in_process_phases:
-            torch.manual_seed(phase.seed)  # dropout etc.: a resumed phase replays identically
-            hooks = self.method.phase_hooks(self.ctx, phase.hooks)
-            stats = train_examples(self.model, self.tok, phase.examples, phase.cfg, phase.seed, hooks, phase.tag,
-                                   self.log)
-            self.method.end_phase(self.ctx, phase.hooks, hook_stats(hooks))
-            return stats
+            return train_in_process(self.method, self.ctx, phase, self.log, train=train_examples)
         from safeanchor.distributed.trainer import fit_phase
 
         cfg, ctx = self.cfg, self.ctx
