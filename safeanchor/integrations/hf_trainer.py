@@ -88,7 +88,7 @@ class SafeAnchorCallback(TrainerCallback):
     domain: a name for the logs and the file. max_length: tokens per calibration / probe
         example. seed: seeds the calibration sample, anchor / replay batch order and replay
         data (default: `TrainingArguments.seed`). tokenizer: default the Trainer's
-        processing_class. judge: refusal judge for CSM (default: the keyword judge).
+        processing_class. judge: a `safeanchor.judges.Judge` (name, verdicts()) for CSM (default: the keyword judge).
         max_new_tokens / eval_batch_size: CSM's greedy generation. save_dir: where the state is
         written after training (default: `TrainingArguments.output_dir`; None there: not saved).
         replay_log_every: progress lines of the replay loop. log: one-line progress (default:

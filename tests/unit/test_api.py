@@ -100,12 +100,16 @@ def test_projector_and_anchor_equal_the_pipeline_hooks(tok):
 class ScriptedJudge:
     """Refusal verdicts from a script: each call judges every prompt as the next value says."""
 
+    name = "scripted"
+
     def __init__(self, rates):
         self.rates = list(rates)
 
-    def judge(self, prompts, responses):
+    def verdicts(self, prompts, responses):
+        from safeanchor.judges import Verdict
+
         r = self.rates.pop(0)
-        return [i < round(r * len(prompts)) for i in range(len(prompts))]
+        return [Verdict(i < round(r * len(prompts))) for i in range(len(prompts))]
 
 
 def test_csm_check(tok):
