@@ -283,7 +283,8 @@ class SafeAnchor(Method):
         rec["rounds"] += 1
         n = self.cfg.replay_steps * self.cfg.replay_batch
         task = seeds.replay_sample(ctx.seed, ctx.step, rec["rounds"]).choices(ctx.domain_train, k=n)
-        tcfg = replace(ctx.train_cfg, lr=self.cfg.replay_lr, batch_size=self.cfg.replay_batch,
+        base = ctx.train_cfg if ctx.train_cfg is not None else ctx.run_cfg.train  # run_cfg set after the Context
+        tcfg = replace(base, lr=self.cfg.replay_lr, batch_size=self.cfg.replay_batch,
                        epochs=1.0, max_steps=self.cfg.replay_steps, warmup_ratio=0.0, schedule="constant")
         phase = TrainPhase(task, tcfg, seeds.replay_phase(ctx.seed, ctx.step, rec["rounds"]),
                            f"replay {rec['rounds']}", hooks="replay")

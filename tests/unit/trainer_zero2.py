@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", DS_ACCELERATOR="cpu")
-os.environ.setdefault("MASTER_PORT", sys.argv[1] if len(sys.argv) > 1 else "29571")
+# the free port the test found, even if the test process left a MASTER_PORT in the environment
+os.environ["MASTER_PORT"] = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("MASTER_PORT", "29571")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from safeanchor.distributed.engine import prepare_deepspeed  # noqa: E402
