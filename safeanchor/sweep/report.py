@@ -128,12 +128,18 @@ def best_yaml(config: str, overrides: list[str], method: str, point: dict[str, A
     """A preset that `workflows/sequential.py --config` runs as is: the base preset (its `base:`
     chain merged in, so it stands alone anywhere), the user's overrides except the sweep's own
     (eval.split / seed / run_id / storage stay the preset's: a tuned config is reported on the
-    test split with reporting seeds), the method and the best point."""
-    keep = [o for o in overrides if o.partition("=")[0].strip() not in ("eval.split", "seed", "run_id", "storage")]
+    test split with reporting seeds; placement and tracking -- cluster.*, threads, tracking.* --
+    stay the preset's too: they say where the sweep ran, not what was tuned), the method and the
+    best point."""
+    keep = [o for o in overrides if not _sweep_only(o.partition("=")[0].strip())]
     data = apply_overrides(load_yaml(config), [*keep, *as_overrides(point)])
     data["method"] = method
     body = yaml.safe_dump(data, sort_keys=False)
     return "".join(f"# {line}\n" if line else "#\n" for line in comment.splitlines()) + body
+
+
+def _sweep_only(key: str) -> bool:
+    return key in ("eval.split", "seed", "run_id", "storage", "threads") or key.startswith(("cluster.", "tracking."))
 
 
 def _atomic(path: Path, text: str) -> None:

@@ -216,7 +216,8 @@ def test_outputs_written(tmp_path):
 
 def test_best_yaml_is_a_standalone_preset_with_the_point(tmp_path):
     point = {"methods.safeanchor.gamma": 0.7, "methods.safeanchor.k_fixed": 4, "train.lr": 5e-4}
-    text = report.best_yaml(TINY, ["data.order=[medical]", "eval.split=val", "seed=100"], "safeanchor", point,
+    text = report.best_yaml(TINY, ["data.order=[medical]", "eval.split=val", "seed=100", "threads=1",
+                                   "cluster.executor=local", "tracking.enabled=false"], "safeanchor", point,
                             "python workflows/sequential.py --config best.yaml\nsecond line")
     assert text.startswith("# python workflows/sequential.py --config best.yaml\n# second line\n")
     path = tmp_path / "sub" / "best.yaml"
@@ -228,6 +229,9 @@ def test_best_yaml_is_a_standalone_preset_with_the_point(tmp_path):
     assert cfg.methods["safeanchor"]["k_fixed"] == 4 and cfg.train.lr == 5e-4
     assert cfg.data.order == ["medical"] and cfg.toyworld.model.hidden_size == 32  # tiny preset kept
     assert cfg.eval.split == "test" and cfg.seed == 0  # reported on the test split, reporting seeds
+    # where the sweep ran (placement, tracking) is not part of what was tuned
+    preset = load_run_config(TINY)
+    assert (cfg.cluster, cfg.tracking, cfg.threads) == (preset.cluster, preset.tracking, preset.threads)
 
 
 def test_history_from_metrics(tmp_path):
