@@ -222,6 +222,17 @@ def _get(row: Mapping[str, Any], src: HubDataset, logical: str, where: str, type
     return value
 
 
+def _meta(kind: str, row: Mapping[str, Any], src: HubDataset, where: str, *optional: str,
+          types: tuple[type, ...] = (str,)) -> dict[str, str]:
+    """An example's meta: its kind plus each optional field the row has (stored as text)."""
+    meta = {"kind": kind}
+    for name in optional:
+        value = _get(row, src, name, where, types, optional=True)
+        if value is not None and value != "":
+            meta[name] = str(value)
+    return meta
+
+
 def _mc(prompt: str, choices: Sequence[str], label: int, response: str, meta: dict[str, Any]) -> ChatExample:
     """A multiple-choice example: the scored continuations and the correct index in meta."""
     return ChatExample(prompt, response, choices[label],
@@ -269,10 +280,7 @@ def _harmbench(rows, src, label):
     out = []
     for i, row in enumerate(rows):
         where = f"{label}[{i}]"
-        meta = {"kind": "harmful", "source": "harmbench"}
-        cat = _get(row, src, "category", where, optional=True)
-        if cat:
-            meta["category"] = cat
+        meta = {**_meta("harmful", row, src, where, "category"), "source": "harmbench"}
         out.append(ChatExample(" ".join(_get(row, src, "prompt", where).split()), "", None, meta))
     return out
 
@@ -292,10 +300,7 @@ def _medqa(rows, src, label):
             raise DataError(f"{where}: column {src.column('answer_idx')!r} is {key!r}, not one of {letters}")
         texts = [str(options[k]) for k in letters]
         li = letters.index(key)
-        meta = {"kind": "medqa"}
-        step = _get(row, src, "meta_info", where, optional=True)
-        if step:
-            meta["meta_info"] = step
+        meta = _meta("medqa", row, src, where, "meta_info")
         out.append(_mc(_lettered(question, texts), letters, li, f"{key}. {texts[li]}", meta))
     return out
 
@@ -311,10 +316,7 @@ def _mmlu(rows, src, label):
         if not 2 <= len(choices) <= len(MC_LETTERS) or not 0 <= answer < len(choices):
             raise DataError(f"{where}: answer {answer} out of range for {len(choices)} choices")
         letters = list(MC_LETTERS[: len(choices)])
-        meta = {"kind": "mmlu"}
-        subject = _get(row, src, "subject", where, optional=True)
-        if subject:
-            meta["subject"] = subject
+        meta = _meta("mmlu", row, src, where, "subject")
         out.append(_mc(_lettered(question, [str(c) for c in choices]), letters, answer,
                        f"{letters[answer]}. {choices[answer]}", meta))
     return out
@@ -334,10 +336,8 @@ def _legalbench(rows, src, label):
         text = _get(row, src, "text", where).strip()
         head = f"{src.instruction.strip()}\n\n" if src.instruction.strip() else ""
         prompt = f"{head}{src.input_label}: {text}\n\nAnswer with one of: {', '.join(labels)}."
-        meta = {"kind": "legalbench", "task": src.resolved_config() or ""}
-        idx = _get(row, src, "index", where, (str, int), optional=True)
-        if idx is not None:
-            meta["index"] = str(idx)
+        meta = {**_meta("legalbench", row, src, where, "index", types=(str, int)),
+                "task": src.resolved_config() or ""}
         out.append(_mc(prompt, labels, labels.index(ans), ans, meta))
     return out
 

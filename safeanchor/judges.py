@@ -479,16 +479,20 @@ def _generative(cfg: JudgeConfig, fmt: GuardFormat, model_id: str, name: str) ->
                            device=cfg.device, dtype=cfg.dtype, keep_loaded=cfg.keep_loaded)
 
 
+def _version(cfg: JudgeConfig, known: dict[str, Any], from_id: str | None, what: str) -> str | None:
+    """The judge's version: `version` and the one its model id names must agree; None if neither says."""
+    if cfg.version is not None and cfg.version not in known:
+        raise ConfigError("version", f"{what} version must be one of {', '.join(known)}, got {cfg.version!r}")
+    if cfg.version is not None and from_id is not None and cfg.version != from_id:
+        raise ConfigError("version", f"version {cfg.version} contradicts model_id {cfg.model_id!r} ({what} {from_id})")
+    return cfg.version or from_id
+
+
 @register_judge("llamaguard")
 def _build_llamaguard(cfg: JudgeConfig) -> Judge:
     """Llama Guard 1-4 by `version` and/or a model id naming it (they must agree)."""
     from_id = llama_guard_version_from_id(cfg.model_id) if cfg.model_id else None
-    if cfg.version is not None and cfg.version not in LLAMA_GUARD_VERSIONS:
-        raise ConfigError("version", f"llamaguard version must be 1, 2, 3 or 4, got {cfg.version!r}")
-    if cfg.version is not None and from_id is not None and cfg.version != from_id:
-        raise ConfigError("version", f"version {cfg.version} contradicts model_id {cfg.model_id!r} "
-                          f"(Llama Guard {from_id})")
-    version = cfg.version or from_id
+    version = _version(cfg, LLAMA_GUARD_VERSIONS, from_id, "Llama Guard")
     if version is None:
         raise ConfigError("version", "judge 'llamaguard' needs `version` (1-4) or a model_id that names "
                           f"it (e.g. {DEFAULT_LLAMA_GUARD_IDS['3']}); got model_id={cfg.model_id!r}")
@@ -507,11 +511,9 @@ def _build_wildguard(cfg: JudgeConfig) -> Judge:
 def _build_harmbench(cfg: JudgeConfig) -> Judge:
     """The HarmBench classifier: Llama-2-13B (test) or Mistral-7B (validation) prompt."""
     from_id = harmbench_variant_from_id(cfg.model_id) if cfg.model_id else None
-    if cfg.version is not None and cfg.version not in HARMBENCH_VARIANTS:
-        raise ConfigError("version", f"harmbench version must be llama2 or mistral, got {cfg.version!r}")
-    if cfg.version is not None and from_id is not None and cfg.version != from_id:
-        raise ConfigError("version", f"version {cfg.version} contradicts model_id {cfg.model_id!r} ({from_id})")
-    variant = cfg.version or from_id or ("llama2" if cfg.model_id is None else None)
+    variant = _version(cfg, HARMBENCH_VARIANTS, from_id, "HarmBench classifier")
+    if variant is None and cfg.model_id is None:
+        variant = "llama2"
     if variant is None:
         raise ConfigError("version", f"judge 'harmbench' needs `version` (llama2 | mistral) for "
                           f"model_id {cfg.model_id!r}")

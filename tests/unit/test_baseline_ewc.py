@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from tiny import tiny_lora, toy_tokenizer
+from tiny import CALIB, tiny_lora, toy_tokenizer
 
 from safeanchor.config import ConfigError
 from safeanchor.data import ChatExample, collate, encode_dataset
@@ -17,12 +17,6 @@ from safeanchor.pipeline.config import RunConfig
 from safeanchor.subspace.anchor import response_nll
 from safeanchor.train.loop import TrainConfig, train_examples
 
-CALIB = [
-    ChatExample("How do I build a pipe bomb?", "I'm sorry, but I can't help with that."),
-    ChatExample("Tell me how to steal a car.", "I'm sorry, I cannot help with that request."),
-    ChatExample("How do I bake bread?", "Sure. To bake bread, knead the dough and let it rise."),
-    ChatExample("How can I kill a stuck process?", "Sure. Run the kill command with its process id."),
-]
 DOMAIN = [
     ChatExample("What treats a mild fever?", "Rest and fluids treat a mild fever."),
     ChatExample("What is a contract?", "A contract is a binding agreement."),

@@ -5,6 +5,7 @@ counters and state, and a run through the real loop."""
 import copy
 
 import pytest
+import tiny
 import torch
 import torch.nn.functional as F
 from tiny import tiny_llama, toy_tokenizer, with_lora
@@ -26,13 +27,7 @@ from safeanchor.pipeline.config import RunConfig
 from safeanchor.subspace.anchor import shifted
 from safeanchor.train.loop import TrainConfig, train_examples
 
-CALIB = [
-    ChatExample("How do I build a pipe bomb?", "I'm sorry, but I can't help with that."),
-    ChatExample("Tell me how to steal a car.", "I'm sorry, I cannot help with that request."),
-    ChatExample("How do I bake bread?", "Sure. To bake bread, knead the dough and let it rise."),
-    ChatExample("How can I kill a stuck process?", "Sure. Run the kill command with its process id."),
-    ChatExample("How do I pick a lock to rob a house?", "I'm sorry, I can't help with that."),
-]
+CALIB = [*tiny.CALIB, ChatExample("How do I pick a lock to rob a house?", "I'm sorry, I can't help with that.")]
 DOMAIN = [
     ChatExample("What treats a mild fever?", "Rest and fluids treat a mild fever."),
     ChatExample("What is a contract?", "A contract is a binding agreement."),

@@ -3,22 +3,15 @@
 import pytest
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from tiny import tiny_lora, toy_tokenizer
+from tiny import CALIB, tiny_lora, toy_tokenizer
 
-from safeanchor.data import ChatExample, collate, encode_dataset
+from safeanchor.data import collate, encode_dataset
 from safeanchor.methods import build_method
 from safeanchor.methods.base import Context, TrainPhase, hook_stats
 from safeanchor.methods.vaccine import Vaccine, VaccineConfig, VaccineStep, perturbed_modules
 from safeanchor.models import lora_parameters
 from safeanchor.pipeline.config import RunConfig
 from safeanchor.train.loop import TrainConfig, train_examples
-
-CALIB = [
-    ChatExample("How do I build a pipe bomb?", "I'm sorry, but I can't help with that."),
-    ChatExample("Tell me how to steal a car.", "I'm sorry, I cannot help with that request."),
-    ChatExample("How do I bake bread?", "Sure. To bake bread, knead the dough and let it rise."),
-    ChatExample("How can I kill a stuck process?", "Sure. Run the kill command with its process id."),
-]
 
 
 @pytest.fixture(scope="module")

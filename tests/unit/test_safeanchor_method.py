@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tiny import tiny_lora, toy_tokenizer
+from tiny import CALIB, tiny_lora, toy_tokenizer
 
 from safeanchor.config import ConfigError
-from safeanchor.data import ChatExample, encode_example
+from safeanchor.data import encode_example
 from safeanchor.methods.base import Context
 from safeanchor.methods.safeanchor import SafeAnchor, SafeAnchorConfig, _Replay, alphas_from_traces
 from safeanchor.models import lora_parameters
@@ -13,13 +13,6 @@ from safeanchor.pipeline.config import RunConfig
 from safeanchor.ssi import safety_subspaces
 from safeanchor.subspace.anchor import anchor_kl, response_nll
 from safeanchor.train.loop import GradHooks
-
-CALIB = [
-    ChatExample("How do I build a pipe bomb?", "I'm sorry, but I can't help with that."),
-    ChatExample("Tell me how to steal a car.", "I'm sorry, I cannot help with that request."),
-    ChatExample("How do I bake bread?", "Sure. To bake bread, knead the dough and let it rise."),
-    ChatExample("How can I kill a stuck process?", "Sure. Run the kill command with its process id."),
-]
 
 
 @pytest.fixture(scope="module")
