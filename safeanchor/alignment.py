@@ -28,23 +28,27 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from safeanchor import logs
 from safeanchor.config import ConfigError, check, to_dict
 from safeanchor.data import ChatExample, DataError, load_examples, write_jsonl
 from safeanchor.models import LoraConfig
 from safeanchor.train.loop import TrainConfig, train_examples
 from safeanchor.utils import atomic_dir
+
+logger = logging.getLogger(__name__)
 
 # Bump when the recipe changes in a way that alters the aligned checkpoint.
 FORMAT_VERSION = "1"
@@ -171,7 +175,7 @@ def finish_answer(text: str, n_tokens: int, budget: int, min_chars: int = 8) -> 
 
 
 def own_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-                cache_file: Path | None = None, log: Callable[[str], None] | None = print) -> list[str | None]:
+                cache_file: Path | None = None) -> list[str | None]:
     """The model's greedy answers to `prompts` (None where unusable), cached in `cache_file`.
 
     The cache keeps the raw generations; `finish_answer` is applied on every read.
@@ -182,13 +186,12 @@ def own_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, b
         rows = [json.loads(line) for line in cache_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         if [r["prompt"] for r in rows] == list(prompts):
             return [finish_answer(r["raw"], r["tokens"], max_new_tokens) for r in rows]
-    say = log or (lambda _m: None)
     t0 = time.perf_counter()
-    say(f"[align] generating own answers to {len(prompts)} prompts ({max_new_tokens} tokens, batch {batch_size})")
+    logger.info(f"[align] generating own answers to {len(prompts)} prompts ({max_new_tokens} tokens, batch {batch_size})")
     outs: list[str] = []
     for s in range(0, len(prompts), batch_size):
         outs += generate(model, tokenizer, list(prompts[s : s + batch_size]), max_new_tokens, batch_size)
-        say(f"  [answers] {len(outs)}/{len(prompts)} ({time.perf_counter() - t0:.0f}s)")
+        logger.info(f"  [answers] {len(outs)}/{len(prompts)} ({time.perf_counter() - t0:.0f}s)")
     # Token count of each answer (re-encoded): an answer that used the whole budget is unfinished.
     lengths = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outs]
     if cache_file is not None:
@@ -238,7 +241,6 @@ def align_model(
     benign: Sequence[ChatExample],
     cfg: AlignConfig,
     cache_dir: str | Path | None = None,
-    log: Callable[[str], None] | None = print,
     calib_harmful: Sequence[ChatExample] = (),
     calib_benign: Sequence[ChatExample] = (),
 ) -> AlignResult:
@@ -252,7 +254,6 @@ def align_model(
 
     if not harmful:
         raise ConfigError("align.harmful", "no harmful prompts: the alignment stage needs some")
-    say = log or (lambda _m: None)
     base = Path(cache_dir or cfg.cache_dir or default_cache_dir())
     mdig, tdig = model_digest(model_ref), tokenizer_digest(tokenizer)
     cfg_d = to_dict(cfg)
@@ -265,34 +266,34 @@ def align_model(
     })
     out = base / f"{Path(str(model_ref)).name}-aligned-{key[:16]}"
     if (out / DONE_FILE).is_file():
-        say(f"[align] cached aligned model {out}")
+        logger.info(f"[align] cached aligned model {out}")
         calib = out / "calib.jsonl"
         return AlignResult(out, calib if calib.is_file() else None, json.loads((out / DONE_FILE).read_text()))
 
     t0 = time.perf_counter()
-    say(f"[align] aligning {model_ref} -> {out} (once; later runs load it from the cache)")
+    logger.info(f"[align] aligning {model_ref} -> {out} (once; later runs load it from the cache)")
     model = load_model(str(model_ref), ModelConfig(name=str(model_ref)), key="model.name")
     answers_key = _key({"model": mdig, "tokenizer": tdig, "tokens": cfg.answer_tokens, "prompts": [b.prompt for b in benign]})
     answers = own_answers(model, tokenizer, [b.prompt for b in benign], cfg.answer_tokens, cfg.answer_batch_size,
-                          base / "answers" / f"{answers_key[:16]}.jsonl", log)
+                          base / "answers" / f"{answers_key[:16]}.jsonl")
     answered = answered_examples(benign, answers)
     if benign and not answered:  # training on refusals alone teaches the model to refuse everything
         raise ConfigError("align.answer_tokens", f"none of the {len(benign)} benign prompts got a usable own answer "
                           f"in {cfg.answer_tokens} tokens (each was cut mid-sentence); raise it")
     if len(answered) < len(benign) / 2:
-        say(f"[align] warning: only {len(answered)}/{len(benign)} own answers usable (most hit the "
-            f"{cfg.answer_tokens}-token limit mid-sentence); consider a larger align.answer_tokens")
+        logger.warning(f"[align] warning: only {len(answered)}/{len(benign)} own answers usable (most hit the "
+                       f"{cfg.answer_tokens}-token limit mid-sentence); consider a larger align.answer_tokens")
     refused = refusal_examples(harmful, cfg.refusals, cfg.seed)
     mix = mixture(refused, answered, cfg.benign_fraction, cfg.seed)
-    say(f"[align] mixture: {len(refused)} refusals + {len(mix) - len(refused)} own answers "
-        f"({len(answered)}/{len(benign)} benign prompts usable), mode {cfg.mode}")
+    logger.info(f"[align] mixture: {len(refused)} refusals + {len(mix) - len(refused)} own answers "
+                f"({len(answered)}/{len(benign)} benign prompts usable), mode {cfg.mode}")
 
     if cfg.mode == "lora":
         model = add_lora(model, cfg.lora, cfg.seed)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    stats = train_examples(model, tokenizer, mix, cfg.train, cfg.seed, tag="align", log=log)
+    stats = train_examples(model, tokenizer, mix, cfg.train, cfg.seed, tag="align")
     if cfg.mode == "lora":
         model = model.merge_and_unload()
     model.eval()
@@ -303,7 +304,7 @@ def align_model(
         calib_file = None
         if calib_harmful or calib_benign:
             c_answers = own_answers(model, tokenizer, [b.prompt for b in calib_benign], cfg.answer_tokens,
-                                    cfg.answer_batch_size, None, log) if calib_benign else []
+                                    cfg.answer_batch_size, None) if calib_benign else []
             calib = refusal_examples(calib_harmful, cfg.refusals, cfg.seed + 1) + answered_examples(calib_benign, c_answers)
             write_jsonl(calib, tmp / "calib.jsonl")
             calib_file = out / "calib.jsonl"
@@ -314,7 +315,7 @@ def align_model(
             "train": stats, "align_s": round(time.perf_counter() - t0, 1),
         }
         (tmp / DONE_FILE).write_text(json.dumps(report, indent=2))
-    say(f"[align] done in {report['align_s']:.0f}s -> {out}")
+    logger.info(f"[align] done in {report['align_s']:.0f}s -> {out}")
     return AlignResult(out, calib_file, report)
 
 
@@ -329,20 +330,20 @@ def load_alignment_data(cfg: AlignConfig) -> dict[str, list[ChatExample]]:
     return out
 
 
-def run_alignment(cfg: AlignConfig, model_ref: str, log: Callable[[str], None] | None = print) -> AlignResult:
+def run_alignment(cfg: AlignConfig, model_ref: str) -> AlignResult:
     """Resolve `model_ref` (a `gguf:` reference, a directory or a hub id), load data, align."""
     from safeanchor.models import load_tokenizer
     from safeanchor.models_gguf import GGUF_PREFIX, resolve_gguf
 
     data = load_alignment_data(cfg)
-    ref = str(resolve_gguf(model_ref, log=log)) if model_ref.startswith(GGUF_PREFIX) else model_ref
+    ref = str(resolve_gguf(model_ref)) if model_ref.startswith(GGUF_PREFIX) else model_ref
     tokenizer = load_tokenizer(ref)
-    return align_model(ref, tokenizer, data["harmful"], data["benign"], cfg, log=log,
+    return align_model(ref, tokenizer, data["harmful"], data["benign"], cfg,
                        calib_harmful=data["calib_harmful"], calib_benign=data["calib_benign"])
 
 
 def check_refusals(model_dir: str | Path, harmful_file: str, benign_file: str, max_new_tokens: int = 20,
-                   batch_size: int = 40, log: Callable[[str], None] | None = print) -> dict[str, float]:
+                   batch_size: int = 40) -> dict[str, float]:
     """Refusal rate on held-out harmful prompts and on the benign file's look-alikes (keyword judge)."""
     from safeanchor.evaluation import generate, refusal_rate
     from safeanchor.judges import KeywordRefusalJudge
@@ -358,8 +359,7 @@ def check_refusals(model_dir: str | Path, harmful_file: str, benign_file: str, m
     m = {"refusal_harmful": refusal_rate(judge, harmful, outs[: len(harmful)]),
          "refusal_lookalike": refusal_rate(judge, look, outs[len(harmful):]) if look else float("nan"),
          "n_harmful": len(harmful), "n_lookalike": len(look), "check_s": round(time.perf_counter() - t0, 1)}
-    if log:
-        log(f"[align] check: {json.dumps(m)}")
+    logger.info(f"[align] check: {json.dumps(m)}")
     return m
 
 
@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-harmful", default="workflows/data/advbench/val.jsonl")
     ap.add_argument("--check-benign", default="workflows/data/benign/val.jsonl")
     args = ap.parse_args(argv)
+    logs.setup()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -29,6 +29,11 @@ the loss on response tokens only (`data.encode_example`).
         (2.0 * anchor(model)).backward()          # the anchor gradient, added unprojected
         optimizer.step(); optimizer.zero_grad()
     subs.save(out_dir)                            # next to the adapter: the next domain merges it
+
+Nothing here takes a `log` callable: progress lines (and warnings) go to the standard `logging`
+module, to the "safeanchor" logger's children (`logging.getLogger(__name__)` of each module).
+Call `safeanchor.logs.setup()` once to see them as the workflows print them (plain lines on
+stdout), or configure logging as for any other library.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ spectra (hence k) are not those of a trained model.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import resource
@@ -30,7 +31,10 @@ from typing import Any
 
 import torch
 
+from safeanchor import logs
 from safeanchor.data import ChatExample
+
+logger = logging.getLogger(__name__)
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 32, "vocab_size": 32000}
@@ -104,8 +108,8 @@ def with_lora(model, r: int = 16, seed: int = 0, b_std: float = 0.01):
 
 # ---- SSI on 7B-shaped layers (CPU) ---------------------------------------------------------
 def ssi_layer(n_examples: int = 500, seq_len: int = 64, layers: int = 1, r: int = 16, chunk: int = 8,
-              group_mb: float | None = None, rho: float = 0.9, k_max: int = 16, shape: dict[str, int] | None = None,
-              log=None) -> dict[str, Any]:
+              group_mb: float | None = None, rho: float = 0.9, k_max: int = 16,
+              shape: dict[str, int] | None = None) -> dict[str, Any]:
     """Streaming SSI on `layers` decoder layers of `shape` (default Llama-2-7B's), float32, CPU."""
     from safeanchor.methods.safeanchor import short_name
     from safeanchor.models import lora_parameters
@@ -127,9 +131,8 @@ def ssi_layer(n_examples: int = 500, seq_len: int = 64, layers: int = 1, r: int 
         now = time.perf_counter()
         rows = sum(a.rows.numel() * 4 if a.gram_path else a.C.numel() * 8 for a in acc.values())
         passes.append({"tensors": len(names), "rows_gb": rows / 2**30, "s": now - t_last[0]})
-        if log is not None:
-            log(f"  [ssi] pass {len(passes)}: {len(names)} tensors, {rows / 2**30:.2f} GiB of rows, "
-                f"{now - t_last[0]:.0f}s")
+        logger.info(f"  [ssi] pass {len(passes)}: {len(names)} tensors, {rows / 2**30:.2f} GiB of rows, "
+                    f"{now - t_last[0]:.0f}s")
         t_last[0] = now
 
     t1, c1 = time.perf_counter(), time.process_time()
@@ -191,7 +194,7 @@ def _init_single_process(use_gpu: bool) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 
-def shape_run(cfg: ShapeRun, log=print) -> dict[str, Any]:
+def shape_run(cfg: ShapeRun) -> dict[str, Any]:
     """Plain LoRA / + projection / SafeAnchor step times and SSI time on one device (see module doc)."""
     from safeanchor.data import ExampleBatches, encode_dataset
     from safeanchor.distributed.config import DeepSpeedConfig, engine_config
@@ -215,24 +218,25 @@ def shape_run(cfg: ShapeRun, log=print) -> dict[str, Any]:
     model = with_lora(random_llama(SHAPES[cfg.shape], device, getattr(torch, dtype_name), cfg.seed,
                                    max(64, cfg.seq_len)), cfg.lora_r, cfg.seed)
     build_s = time.perf_counter() - t0
-    log(f"[bench] {cfg.shape} Llama on {device} ({dtype_name}) built in {build_s:.0f}s")
+    logger.info(f"[bench] {cfg.shape} Llama on {device} ({dtype_name}) built in {build_s:.0f}s")
     calib = synthetic_examples(cfg.calib, cfg.seq_len, seed=cfg.seed + 1)
     train = synthetic_examples(cfg.batch_size * 4, cfg.seq_len, seed=cfg.seed + 2)
 
     # SSI as the pipeline's in-process path runs it (the method's own before_domain), at θ_{t-1}
     full = build_method("safeanchor", {"csm": False})
     ctx = Context(model=model, tokenizer=tok, run_cfg=None, domain="bench", step=1, safety_calib=calib,
-                  seed=cfg.seed, max_length=cfg.seq_len, log=lambda *_: None)
+                  seed=cfg.seed, max_length=cfg.seq_len)
     if use_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()
-    full.before_domain(ctx)
+    with logs.quiet("safeanchor.methods"):  # its "[ssi]" line: this benchmark prints its own
+        full.before_domain(ctx)
     if use_gpu:
         torch.cuda.synchronize()
     ssi_s = time.perf_counter() - t1
     ssi_gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if use_gpu else None
-    log(f"[bench] SSI on {cfg.calib} examples: {ssi_s:.1f}s, k mean {full.ssi_log[-1]['k_mean']:.1f}")
+    logger.info(f"[bench] SSI on {cfg.calib} examples: {ssi_s:.1f}s, k mean {full.ssi_log[-1]['k_mean']:.1f}")
     proj = build_method("safeanchor", {"csm": False, "anchor": False})
     proj.load_state_dict(full.state_dict())
 
@@ -249,7 +253,8 @@ def shape_run(cfg: ShapeRun, log=print) -> dict[str, Any]:
     batches = batches_from(batcher.epoch, len(batcher), 0)
 
     def timed(h, steps: int) -> float:
-        return run_loop(engine, batches, steps, tcfg, h, log=None, tag="bench")["step_s"]
+        with logs.quiet("safeanchor.train.loop"):  # no progress lines
+            return run_loop(engine, batches, steps, tcfg, h, tag="bench")["step_s"]
 
     timed(None, 2)  # warm-up (allocator, kernels)
     if use_gpu:
@@ -259,7 +264,7 @@ def shape_run(cfg: ShapeRun, log=print) -> dict[str, Any]:
         for k, h in hooks.items():
             t[k].append(timed(h, cfg.steps))
     med = {k: statistics.median(v) for k, v in t.items()}
-    log("[bench] step s: " + " ".join(f"{k} {v:.3f}" for k, v in med.items()))
+    logger.info("[bench] step s: " + " ".join(f"{k} {v:.3f}" for k, v in med.items()))
     return {
         "shape": cfg.shape, "device": torch.cuda.get_device_name() if use_gpu else "cpu", "dtype": dtype_name,
         "zero_stage": cfg.zero_stage, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lora_r": cfg.lora_r,

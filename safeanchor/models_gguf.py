@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from safeanchor.config import ConfigError
 from safeanchor.utils import atomic_dir
+
+logger = logging.getLogger(__name__)
 
 GGUF_PREFIX = "gguf:"
 # Bump when the conversion recipe changes in a way that alters the saved checkpoint.
@@ -116,8 +118,7 @@ def _rebuild(src_model):
     return model
 
 
-def convert_gguf(gguf_path: str | Path, cache_dir: Path | None = None, log: Callable[[str], None] | None = print,
-                 key: str = "model.name") -> Path:
+def convert_gguf(gguf_path: str | Path, cache_dir: Path | None = None, key: str = "model.name") -> Path:
     """Convert a GGUF file to a cached safetensors checkpoint (+ tokenizer); return its directory.
 
     Idempotent: a complete cached conversion (its `conversion.json` exists) is returned as is.
@@ -132,9 +133,8 @@ def convert_gguf(gguf_path: str | Path, cache_dir: Path | None = None, log: Call
         raise ConfigError(key, "reading GGUF needs the `gguf` package: pip install -e '.[smollm]'") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    say = log or (lambda _m: None)
     t0 = time.perf_counter()
-    say(f"[gguf] converting {gguf_path.name} to safetensors (once) -> {out}")
+    logger.info(f"[gguf] converting {gguf_path.name} to safetensors (once) -> {out}")
     src = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = _rebuild(src)
@@ -154,13 +154,12 @@ def convert_gguf(gguf_path: str | Path, cache_dir: Path | None = None, log: Call
             "max_abs_logit_diff": diff, "convert_s": round(time.perf_counter() - t0, 2),
         }
         (tmp / DONE_FILE).write_text(json.dumps(info, indent=2))
-    say(f"[gguf] converted {info['params'] / 1e6:.1f} M parameters in {info['convert_s']:.0f}s")
+    logger.info(f"[gguf] converted {info['params'] / 1e6:.1f} M parameters in {info['convert_s']:.0f}s")
     return out
 
 
-def resolve_gguf(ref: str, cache_dir: Path | None = None, log: Callable[[str], None] | None = print,
-                 key: str = "model.name") -> Path:
+def resolve_gguf(ref: str, cache_dir: Path | None = None, key: str = "model.name") -> Path:
     """`gguf:<what>` -> the cached safetensors directory (converting on first use)."""
     if not ref.startswith(GGUF_PREFIX):
         raise ValueError(f"not a gguf: reference: {ref!r}")
-    return convert_gguf(find_gguf(ref[len(GGUF_PREFIX):], key), cache_dir, log, key)
+    return convert_gguf(find_gguf(ref[len(GGUF_PREFIX):], key), cache_dir, key)

@@ -35,6 +35,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from safeanchor import logs
+
+    logs.setup()  # progress lines on stdout
     if "--ssi-7b-layer" in argv or any(a == "--preset" or a.startswith("--preset=") for a in argv):
         return shape_main(argv)  # the model-shape benchmarks (safeanchor.bench), their own options
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run = prepare_run(cfg, log=print)
+    run = prepare_run(cfg)
     ctx, model = run.ctx, run.ctx.model
     domain = cfg.data.order[0]
     ctx.domain, ctx.step, ctx.domain_train = domain, 1, run.domain_train[domain]
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def timed(hooks) -> float:
         engine = TorchStepEngine(model, cfg.train, args.steps)  # what train_examples runs on
-        stats = run_loop(engine, batches, args.steps, cfg.train, hooks, log=None, tag="bench")
+        with logs.quiet("safeanchor.train.loop"):  # no progress lines in the timed steps
+            stats = run_loop(engine, batches, args.steps, cfg.train, hooks, tag="bench")
         with torch.no_grad():  # same starting point for every variant
             for n, p in model.named_parameters():
                 if n in state:
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # One domain's training wall time (the pipeline's own call), for the SSI share.
     t0 = time.perf_counter()
-    train_examples(model, run.tokenizer, ctx.domain_train, cfg.train, cfg.seed, full_hooks, "domain", None)
+    with logs.quiet("safeanchor.train.loop"):
+        train_examples(model, run.tokenizer, ctx.domain_train, cfg.train, cfg.seed, full_hooks, "domain")
     domain_s = time.perf_counter() - t0
     out = {
         "lora_step_s": med["lora"],
@@ -248,7 +253,7 @@ def shape_main(argv: list[str]) -> int:
         if args.ssi_7b_layer:
             shape = bench.SHAPES[args.shape or "7b"]
             out = bench.ssi_layer(args.n_examples, args.seq_len or 64, args.layers, chunk=args.chunk,
-                                  group_mb=args.group_mb, shape=shape, log=print)
+                                  group_mb=args.group_mb, shape=shape)
         else:
             opts = {**PRESETS[args.preset], "device": args.device, "dtype": args.dtype}
             opts.update({k: v for k, v in (("shape", args.shape), ("seq_len", args.seq_len),

@@ -103,8 +103,11 @@ def build_spec(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from safeanchor import logs
     from safeanchor.config import ConfigError
     from safeanchor.data import DataError
+
+    logs.setup()  # progress lines on stdout
 
     try:
         if args.report:

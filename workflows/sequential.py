@@ -45,8 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from safeanchor import logs
     from safeanchor.config import ConfigError, to_dict
     from safeanchor.data import DataError
+
+    logs.setup()  # the pipeline's progress lines on stdout
 
     try:
         from safeanchor.pipeline.config import load_run_config

@@ -59,8 +59,11 @@ def parse_seeds(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from safeanchor import logs
     from safeanchor.config import ConfigError
     from safeanchor.data import DataError
+
+    logs.setup()  # progress lines on stdout
 
     try:
         from safeanchor.sweep.driver import SweepSpec, check_seeds, load_spec, run_sweep

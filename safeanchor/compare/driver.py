@@ -21,14 +21,18 @@ cell is reported (compare.json, report.md, the exit code) and the others go on.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import yaml
 
+from safeanchor import logs
 from safeanchor.compare.cells import Arm, Cell, config_signature, first_difference, signature
 from safeanchor.config import ConfigError
 from safeanchor.distributed.placement import (
@@ -39,6 +43,8 @@ from safeanchor.distributed.placement import (
     run_resources,
 )
 from safeanchor.storage import RunDir
+
+logger = logging.getLogger(__name__)
 
 STATE = "compare.json"
 
@@ -125,31 +131,37 @@ def finished(root: RunDir, cell: Cell, cfg) -> bool:
     return first_difference(saved, config_signature(cfg)) is None
 
 
-class _CellLog:
-    """A cell's log: appended line by line to <storage>/logs/<run id>.log on a local disk, or
-    collected and written when the cell ends on other filesystems (no append there)."""
+class _Lines(logging.Handler):
+    """Keeps the formatted records (a cell's log on a filesystem without append)."""
 
-    def __init__(self, root: RunDir, run_id: str) -> None:
-        self.root, self.name, self.lines = root, f"logs/{run_id}.log", []
-        local = root.local_path(self.name)
-        self.file = None
-        if local is not None:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(local, "a", buffering=1)
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
 
-    def __call__(self, msg: Any = "") -> None:
-        text = str(msg)
-        if self.file is not None:
-            self.file.write(text + "\n")
-        else:
-            self.lines.append(text)
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
 
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        elif self.lines:
-            old = self.root.read_text(self.name) if self.root.is_file(self.name) else ""
-            self.root.write_text(self.name, old + "\n".join(self.lines) + "\n")
+
+@contextlib.contextmanager
+def cell_log(root: RunDir, run_id: str) -> Iterator[None]:
+    """While the block runs, the "safeanchor" records (what the pipeline prints) go to the cell's
+    log <storage>/logs/<run id>.log, and only there: appended line by line on a local disk
+    (`safeanchor.logs.to_file`), or collected and written when the block ends on other
+    filesystems (no append there)."""
+    name = f"logs/{run_id}.log"
+    local = root.local_path(name)
+    if local is not None:
+        with logs.to_file(local):
+            yield
+        return
+    lines = _Lines()
+    try:
+        with logs.to_handler(lines):
+            yield
+    finally:
+        if lines.lines:
+            old = root.read_text(name) if root.is_file(name) else ""
+            root.write_text(name, old + "\n".join(lines.lines) + "\n")
 
 
 def run_cell(cfg) -> dict[str, Any]:
@@ -164,24 +176,23 @@ def run_cell(cfg) -> dict[str, Any]:
     root = RunDir.open(cfg.storage)
     run_id = cfg.resolved_run_id()
     resume = root.sub(run_id).is_file("config.yaml")
-    log = _CellLog(root, run_id)
-    log(f"=== {run_id}: {'resumed' if resume else 'started'} (pid {os.getpid()}) ===")
     t0 = time.perf_counter()
     out = {"run_id": run_id, "resumed": resume}
-    try:
-        run_pipeline(cfg, log=log, resume=resume)
-        out.update(status="ok")
-    except Exception as e:  # reported, the other cells go on
-        log(traceback.format_exc())
-        text = str(e).strip().splitlines()
-        out.update(status="failed", error=f"{type(e).__name__}: {text[0] if text else ''}")
-    finally:
-        out["wall_s"] = time.perf_counter() - t0
-        log.close()
+    with cell_log(root, run_id):
+        logger.info(f"=== {run_id}: {'resumed' if resume else 'started'} (pid {os.getpid()}) ===")
+        try:
+            run_pipeline(cfg, resume=resume)
+            out.update(status="ok")
+        except Exception as e:  # reported, the other cells go on
+            logger.error(traceback.format_exc())
+            text = str(e).strip().splitlines()
+            out.update(status="failed", error=f"{type(e).__name__}: {text[0] if text else ''}")
+        finally:
+            out["wall_s"] = time.perf_counter() - t0
     return out
 
 
-def run_compare(spec: CompareSpec, num_cpus: int | None = None, log=print) -> dict[str, Any]:
+def run_compare(spec: CompareSpec, num_cpus: int | None = None) -> dict[str, Any]:
     """Run the cells that have not finished, then write the report. Returns {"ran", "skipped",
     "failed": {run_id: error}, "report": uri}."""
     root = RunDir.open(spec.storage)
@@ -196,9 +207,9 @@ def run_compare(spec: CompareSpec, num_cpus: int | None = None, log=print) -> di
     _merge_arms(state, spec.arms)
     state.update(reference_order=list(reference), overrides=list(spec.overrides))
     todo = [c for c in cells if not finished(root, c, cfgs[c.run_id])]
-    log(f"[compare] {len(cells)} cells ({len(spec.arms)} arms x {len(spec.seeds)} seeds x {len(spec.orders)} orders"
-        f"{'; variants at the reference order' if any(a.variant for a in spec.arms) else ''}): "
-        f"{len(cells) - len(todo)} finished earlier, {len(todo)} to run -> {storage}")
+    logger.info(f"[compare] {len(cells)} cells ({len(spec.arms)} arms x {len(spec.seeds)} seeds x {len(spec.orders)} orders"
+                f"{'; variants at the reference order' if any(a.variant for a in spec.arms) else ''}): "
+                f"{len(cells) - len(todo)} finished earlier, {len(todo)} to run -> {storage}")
 
     from safeanchor.tracking import Tracker, close_orphans, make_tracker
 
@@ -224,7 +235,7 @@ def run_compare(spec: CompareSpec, num_cpus: int | None = None, log=print) -> di
     failed: dict[str, str] = {}
     try:
         if todo:
-            failed = _run_on_ray(spec, [cfgs[c.run_id] for c in todo], num_cpus, log)
+            failed = _run_on_ray(spec, [cfgs[c.run_id] for c in todo], num_cpus)
         # failures of earlier invocations stay listed until their cell finishes
         state["failures"] = {k: v for k, v in state.get("failures", {}).items()
                              if not root.sub(k).is_file("summary.json")} | failed
@@ -232,10 +243,10 @@ def run_compare(spec: CompareSpec, num_cpus: int | None = None, log=print) -> di
         if isinstance(tracker, Tracker):
             closed = close_orphans(tracker.client, tracker.experiment_id, tracker.run_id)
             if closed:
-                log(f"[compare] {closed} MLflow runs of interrupted cells ended as KILLED")
+                logger.info(f"[compare] {closed} MLflow runs of interrupted cells ended as KILLED")
         from safeanchor.compare.report import write_report
 
-        rep = write_report(root, state, log=log)
+        rep = write_report(root, state)
         tracker.log_metrics(rep["metrics"], step=0)
         for name in rep["files"]:
             with root.local_copy(name) as path:
@@ -260,7 +271,7 @@ def _run_exists(client, run_id: str) -> bool:
         return False
 
 
-def _run_on_ray(spec: CompareSpec, cfgs: list, num_cpus: int | None, log) -> dict[str, str]:
+def _run_on_ray(spec: CompareSpec, cfgs: list, num_cpus: int | None) -> dict[str, str]:
     """Submit the cells as Ray tasks, at most `concurrency` at once; returns {run_id: error}."""
     import ray
 
@@ -272,8 +283,8 @@ def _run_on_ray(spec: CompareSpec, cfgs: list, num_cpus: int | None, log) -> dic
     res = [run_resources(c, gpus) for c in cfgs]
     conc = spec.max_concurrent or concurrency(cpus, run_cpus(peak_cfg)[1], len(cfgs), gpus,
                                               max(r.get("GPU", 0.0) for r in res))
-    log(f"[compare] {conc} cells at once ({cpus:g} CPUs, {run_cpus(peak_cfg)[1]:g} per cell at its peak"
-        + (f", {gpus:g} GPUs" if gpus else "") + ")")
+    logger.info(f"[compare] {conc} cells at once ({cpus:g} CPUs, {run_cpus(peak_cfg)[1]:g} per cell at its peak"
+                + (f", {gpus:g} GPUs" if gpus else "") + ")")
     task = ray.remote(run_cell)
     pending = list(zip(cfgs, res, strict=True))
     running: dict[Any, str] = {}
@@ -294,9 +305,9 @@ def _run_on_ray(spec: CompareSpec, cfgs: list, num_cpus: int | None, log) -> dic
                    "resumed": False}
         done += 1
         if out["status"] == "ok":
-            log(f"[compare] {done}/{len(cfgs)} {run_id}: ok ({out['wall_s']:.0f}s{', resumed' if out['resumed'] else ''})")
+            logger.info(f"[compare] {done}/{len(cfgs)} {run_id}: ok ({out['wall_s']:.0f}s{', resumed' if out['resumed'] else ''})")
         else:
             failed[run_id] = out["error"]
-            log(f"[compare] {done}/{len(cfgs)} {run_id}: FAILED: {out['error']} (log: logs/{run_id}.log)")
+            logger.warning(f"[compare] {done}/{len(cfgs)} {run_id}: FAILED: {out['error']} (log: logs/{run_id}.log)")
     return failed
 

@@ -20,6 +20,7 @@ other T's).
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import tempfile
@@ -31,6 +32,8 @@ from typing import Any
 from safeanchor.compare.cells import arm_of
 from safeanchor.pipeline.report import COLUMNS, aggregate, markdown
 from safeanchor.storage import RunDir
+
+logger = logging.getLogger(__name__)
 
 NOT_CELLS = ("logs", "mlartifacts")
 SPREAD_METRICS = (("retention", "retention"), ("domain_plastic", "domain_plastic"),
@@ -369,7 +372,7 @@ def plot_forgetting(entries: list[Entry], methods: list[str], order: tuple[str, 
     fig.savefig(path, format="png")
 
 
-def write_report(root: RunDir, state: dict[str, Any], log=print) -> dict[str, Any]:
+def write_report(root: RunDir, state: dict[str, Any]) -> dict[str, Any]:
     """Write report.md and the plots under root (atomically, any pyarrow filesystem).
     Returns {"files": names written, "metrics": {arm/column: mean}, "table": Table 1}."""
     entries, unfinished = collect(root)
@@ -393,7 +396,7 @@ def write_report(root: RunDir, state: dict[str, Any], log=print) -> dict[str, An
             files.append(p.name)
     root.write_text("report.md", text)
     files.insert(0, "report.md")
-    log(f"[compare] {root.uri('report.md')}: {len(entries)} cells; plots {', '.join(files[1:])}")
+    logger.info(f"[compare] {root.uri('report.md')}: {len(entries)} cells; plots {', '.join(files[1:])}")
     return {"files": files, "metrics": metrics, "table": table}
 
 

@@ -25,7 +25,8 @@ peft model at θ_{t-1}), as a training worker does (`safeanchor.train.phase`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,8 @@ from safeanchor.distributed.trainer import ensure_ray, resolve_use_gpu
 from safeanchor.ssi import DEFAULT_GROUP_MB, lora_sizes, safety_subspaces, stream_fisher_rows
 from safeanchor.subspace.fisher import Subspace, plan_groups, rows_subspace
 from safeanchor.train.phase import ModelSpec, load_peft_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,8 +120,8 @@ def merge_block(parts: list[dict[str, Any]], rho: float | None, k_max: int, k_fi
 
 
 def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k_max: int,
-                       k_fixed: int | None = None, eps: float = 0.0, model: Any = None, tokenizer: Any = None,
-                       log: Callable[[str], None] | None = None) -> dict[str, Subspace]:
+                       k_fixed: int | None = None, eps: float = 0.0, model: Any = None,
+                       tokenizer: Any = None) -> dict[str, Subspace]:
     """name -> Subspace for every LoRA tensor, in the model's parameter order. The one place
     that chooses where SSI runs:
 
@@ -155,9 +158,8 @@ def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k
     out: dict[str, Subspace] = {}
     for _, part in merged:
         out.update(part)
-    if log is not None:
-        log(f"  [ssi] {len(out)} tensors from {len(bounds)} shards x {blocks} blocks, "
-            f"k = {sum(s.k for s in out.values())} in total")
+    logger.info(f"  [ssi] {len(out)} tensors from {len(bounds)} shards x {blocks} blocks, "
+                f"k = {sum(s.k for s in out.values())} in total")
     return {n: out[n] for n in order}
 
 

@@ -31,12 +31,11 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from safeanchor import seeds
+from safeanchor import logs, seeds
 from safeanchor.config import ConfigError
 from safeanchor.data import DataError, ExampleBatches, encode_dataset
 from safeanchor.distributed.config import ClusterConfig, engine_config
@@ -52,6 +51,8 @@ from safeanchor.train.phase import (
     make_hooks,
     result,
 )
+
+logger = logging.getLogger(__name__)
 
 #: errors that a worker-group restart would only repeat: returned by workers, raised by fit_phase
 NON_RETRYABLE = (ConfigError, DataError, NonFiniteLoss)
@@ -93,18 +94,19 @@ def resolve_bf16(setting: bool | str, use_gpu: bool) -> bool:
 
 
 def fit_phase(spec: PhaseSpec, cluster: ClusterConfig, storage_path: str,
-              log: Callable[[str], None] | None = print, storage_filesystem: Any = None) -> PhaseResult:
+              storage_filesystem: Any = None) -> PhaseResult:
     """Train one phase; its `PhaseResult` (stats: the loop's + zero_stage, bf16, timing).
 
     storage_path: where Ray Train keeps the run's checkpoints (a path every node can reach, or a
     pyarrow URI such as s3://...). The Train run is named `spec.name`: calling fit_phase again
     with a spec of the same name after a run failed or its driver was killed resumes it from its
-    last checkpoint. log: progress lines of the in-process path (on Ray, rank 0 logs through Ray
-    Train's logger). storage_filesystem: a pyarrow.fs.FileSystem that storage_path is a path in
-    (Ray Train's RunConfig(storage_filesystem=...)); None for local paths and URIs.
+    last checkpoint. Progress lines go to the "safeanchor" loggers (on Ray, rank 0's are printed
+    by the worker: see `_train_worker`). storage_filesystem: a pyarrow.fs.FileSystem that
+    storage_path is a path in (Ray Train's RunConfig(storage_filesystem=...)); None for local
+    paths and URIs.
     """
     if cluster.executor == "local":
-        return run_phase(spec, cluster, log=log)
+        return run_phase(spec, cluster)
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -130,7 +132,7 @@ def fit_phase(spec: PhaseSpec, cluster: ClusterConfig, storage_path: str,
             checkpoint_config=CheckpointConfig(num_to_keep=cluster.checkpoints_to_keep),
             # Ray Train's own INFO lines (resources requested, worker group started, process group
             # set up) stay in its log files; the console keeps warnings and rank 0's progress,
-            # which goes through the root logger (_worker_log), not `ray.train`.
+            # which goes through the "safeanchor" loggers (_train_worker), not `ray.train`.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
@@ -142,8 +144,7 @@ def fit_phase(spec: PhaseSpec, cluster: ClusterConfig, storage_path: str,
     return out["result"]
 
 
-def run_phase(spec: PhaseSpec, cluster: ClusterConfig | None = None,
-              log: Callable[[str], None] | None = print) -> PhaseResult:
+def run_phase(spec: PhaseSpec, cluster: ClusterConfig | None = None) -> PhaseResult:
     """The in-process path (executor local): built from the spec, the loop on the torch engine."""
     use_gpu = resolve_use_gpu(cluster) if cluster is not None else False
     built = build(spec)
@@ -153,7 +154,7 @@ def run_phase(spec: PhaseSpec, cluster: ClusterConfig | None = None,
     torch.manual_seed(spec.seed)  # dropout etc., as the pipeline's in-process phases
     hooks = make_hooks(built, engine.module)
     stats = run_loop(engine, batches_from(batcher.epoch, len(batcher), 0), steps, spec.train, hooks,
-                     log=log, tag=spec.tag)
+                     tag=spec.tag)
     return result(engine.module, hooks, stats)
 
 
@@ -172,6 +173,10 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train's train_loop_per_worker (importable from the package, as Ray workers need)."""
     import ray.train
 
+    # Progress lines: rank 0 prints them on its stdout, which Ray forwards to the driver's console
+    # once. (Not print(): Ray Train patches it in workers to tee into its root logger, which shows
+    # every line twice; setup() also stops our records from reaching that root logger.)
+    logs.setup()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cluster: ClusterConfig = config["cluster"]
@@ -214,7 +219,7 @@ def _train_rank(spec: PhaseSpec, cluster: ClusterConfig, use_gpu: bool, ds: dict
     if ckpt is not None:
         start, losses = _load(engine, ckpt, hooks, rank)
         if rank == 0:
-            _worker_log(f"  [{spec.tag}] resumed from the checkpoint of step {start}/{steps}")
+            logger.info(f"  [{spec.tag}] resumed from the checkpoint of step {start}/{steps}")
 
     def on_step(done: int, losses: list[float]) -> None:
         if cluster.checkpoint_every and done % cluster.checkpoint_every == 0 and done < steps:
@@ -222,7 +227,7 @@ def _train_rank(spec: PhaseSpec, cluster: ClusterConfig, use_gpu: bool, ds: dict
 
     stats = run_loop(engine, batches_from(batcher.epoch, len(batcher), start), steps, cfg, hooks,
                      rank=rank, world=world, start_step=start, losses=losses, on_step=on_step,
-                     log=_worker_log if rank == 0 else None, tag=spec.tag)
+                     tag=spec.tag)
     stats["zero_stage"] = None if ds is None else engine.stage
     stats["bf16"] = bf16
     with engine.final_weights():  # collective (ZeRO-3 gather, bf16 master weights): every rank enters
@@ -239,12 +244,6 @@ def _node_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def _worker_log(msg: str) -> None:
-    # Ray Train patches print() in workers to tee into its logger, which shows every line twice
-    # on the driver; its logger alone shows it once.
-    logging.getLogger().info(msg)
 
 
 def _save(engine: Any, hooks: Any, step: int, losses: list[float], rank: int) -> None:

@@ -55,7 +55,7 @@ process; only the world's process zero writes the file.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +91,8 @@ class SafeAnchorCallback(TrainerCallback):
         processing_class. judge: a `safeanchor.judges.Judge` (name, verdicts()) for CSM (default: the keyword judge).
         max_new_tokens / eval_batch_size: CSM's greedy generation. save_dir: where the state is
         written after training (default: `TrainingArguments.output_dir`; None there: not saved).
-        replay_log_every: progress lines of the replay loop. log: one-line progress (default:
-        this module's logger).
+        replay_log_every: steps between progress lines of the replay loop. Progress goes to the
+        "safeanchor" loggers (`safeanchor.logs.setup()` prints it, as the workflows do).
 
     After training: `record` holds what happened (SSI ranks and α, anchor steps, CSM decisions).
     """
@@ -114,7 +114,6 @@ class SafeAnchorCallback(TrainerCallback):
         eval_batch_size: int = 64,
         save_dir: str | Path | None = None,
         replay_log_every: int = 25,
-        log: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config or SafeAnchorConfig()
         self.calibration = as_examples(calibration, "calibration")
@@ -134,7 +133,6 @@ class SafeAnchorCallback(TrainerCallback):
         self.eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=eval_batch_size)
         self.save_dir = save_dir
         self.replay_log_every = replay_log_every
-        self.log = log or logger.info
 
         self.method = SafeAnchor(self.config)
         self.step = 1  # 1-based index of this domain in the sequence
@@ -171,7 +169,7 @@ class SafeAnchorCallback(TrainerCallback):
         ctx = Context(model=model, tokenizer=tok, run_cfg=None, domain=self.domain, step=self.step,
                       safety_calib=self.calibration, safety_probe=self.probe, domain_train=self.domain_examples,
                       seed=args.seed if self.seed is None else self.seed, max_length=self.max_length,
-                      train_cfg=train_cfg, log=self.log)
+                      train_cfg=train_cfg)
         judge = self.judge if self.judge is not None else (default_judge() if self.probe else None)
         ctx.probe_safety = lambda: probe_safety(model, tok, self.probe, judge, self.eval_cfg)
         self.ctx = ctx
@@ -210,14 +208,14 @@ class SafeAnchorCallback(TrainerCallback):
             gates.append(gate.record)
             if gate.phase is None:
                 break
-            train_in_process(method, ctx, gate.phase, self.log)
+            train_in_process(method, ctx, gate.phase)
             r += 1
         self.record = {"domain": self.domain, "step": self.step, "anchor": stats, "gates": gates,
                        **method.after_domain(ctx)}
         out = self.save_dir if self.save_dir is not None else args.output_dir
         if out is not None and state.is_world_process_zero:
             path = self.save(out)
-            self.log(f"  [safeanchor] subspaces and CSM state -> {path}")
+            logger.info(f"  [safeanchor] subspaces and CSM state -> {path}")
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

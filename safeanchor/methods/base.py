@@ -105,7 +105,6 @@ class Context:
     # fisher_subspaces(examples, rho, k_max, k_fixed, chunk, max_length, group_mb=None) -> {tensor: Subspace}
     # at the current model (SSI; on Ray tasks under cluster.executor=ray)
     fisher_subspaces: Callable[..., dict] | None = None
-    log: Callable[[str], None] = print
     state: dict[str, Any] = field(default_factory=dict)  # pipeline-level facts (e.g. s_0)
     seed: int | None = None  # the run seed (default: run_cfg.seed)
     max_length: int | None = None  # tokens per example (default: run_cfg.train.max_length)
@@ -127,7 +126,7 @@ def trainable_device(model: torch.nn.Module) -> torch.device:
 
 
 def train_in_process(method: Method, ctx: Context, phase: TrainPhase,
-                     log: Callable[[str], None] | None = print, train: Callable[..., dict] | None = None) -> dict[str, Any]:
+                     train: Callable[..., dict] | None = None) -> dict[str, Any]:
     """Train `phase` on ctx.model in this process with the method's hooks for it (the pipeline's
     executor `local`, and the transformers callback's replay): torch seeded with the phase seed
     (dropout: a resumed phase replays identically), `method.end_phase` fed the hooks' stats.
@@ -137,7 +136,7 @@ def train_in_process(method: Method, ctx: Context, phase: TrainPhase,
 
     torch.manual_seed(phase.seed)
     hooks = method.phase_hooks(ctx, phase.hooks)
-    stats = train(ctx.model, ctx.tokenizer, phase.examples, phase.cfg, phase.seed, hooks, phase.tag, log)
+    stats = train(ctx.model, ctx.tokenizer, phase.examples, phase.cfg, phase.seed, hooks, phase.tag)
     method.end_phase(ctx, phase.hooks, hook_stats(hooks))
     return stats
 

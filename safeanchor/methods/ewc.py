@@ -34,6 +34,7 @@ after_domain reports how many tensors have an all-zero Fisher.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,8 @@ from safeanchor.data import ChatExample, collate, encode_dataset
 from safeanchor.methods.base import Context, Method, register_method, trainable_device
 from safeanchor.models import lora_parameters
 from safeanchor.ssi import safety_gradients
+
+logger = logging.getLogger(__name__)
 
 FISHER_SOURCES = ("previous_domain", "safety")
 
@@ -158,9 +161,9 @@ class Ewc(Method):
             "fisher_zero_tensors": len(zero),
         }
         self.log.append(rec)
-        ctx.log(f"  [ewc] Fisher on {len(ex)} {tag} examples ({rec['fisher_s']:.1f}s): trace {rec['fisher_trace']:.3e} "
-                f"(A {rec['fisher_trace_A']:.3e}, B {rec['fisher_trace_B']:.3e}); {len(zero)} tensors with F = 0"
-                + (" (lora_A at B = 0: unconstrained)" if zero and all("lora_A" in n for n in zero) else ""))
+        logger.info(f"  [ewc] Fisher on {len(ex)} {tag} examples ({rec['fisher_s']:.1f}s): trace {rec['fisher_trace']:.3e} "
+                    f"(A {rec['fisher_trace_A']:.3e}, B {rec['fisher_trace_B']:.3e}); {len(zero)} tensors with F = 0"
+                    + (" (lora_A at B = 0: unconstrained)" if zero and all("lora_A" in n for n in zero) else ""))
         return rec
 
     # ---- hooks ----------------------------------------------------------------------

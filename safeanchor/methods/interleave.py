@@ -17,6 +17,7 @@ trains n + s examples per epoch (+14% steps at 1/8); `train.max_steps` caps it a
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from safeanchor import seeds
 from safeanchor.config import check
 from safeanchor.data import ChatExample
 from safeanchor.methods.base import Context, Method, register_method
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,8 +71,8 @@ class Interleave(Method):
         rec = {"domain": ctx.domain, "step": ctx.step, "domain_examples": len(examples), "safety_examples": k,
                "safety_fraction": k / (len(examples) + k), "with_replacement": k > len(ctx.safety_calib)}
         self.mix_log = [r for r in self.mix_log if r["step"] != ctx.step] + [rec]
-        ctx.log(f"  [interleave] {k} safety + {len(examples)} domain examples "
-                f"(fraction {rec['safety_fraction']:.3f}{', calib set reused' if rec['with_replacement'] else ''})")
+        logger.info(f"  [interleave] {k} safety + {len(examples)} domain examples "
+                    f"(fraction {rec['safety_fraction']:.3f}{', calib set reused' if rec['with_replacement'] else ''})")
         return list(examples) + safety
 
     def after_domain(self, ctx: Context) -> dict[str, Any]:

@@ -24,6 +24,7 @@ Vaccine freezes its re-alignment adapter with the same ones.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,8 @@ from safeanchor.models import (
     restore_frozen,
     set_active,
 )
+
+logger = logging.getLogger(__name__)
 
 
 # ---- O-LoRA's penalty -----------------------------------------------------------------------
@@ -83,14 +86,14 @@ class OLora(Method):
             return  # domain 1 trains the pipeline's fresh adapter itself
         name = self._new_name(ctx.step)
         if name in self.frozen:  # re-run of the same step: already done
-            ctx.log(f"  [olora] {name} already frozen; nothing to do")
+            logger.info(f"  [olora] {name} already frozen; nothing to do")
             return
         self.frozen[name] = freeze_copy(ctx.model, name)
         set_active(ctx.model, list(self.frozen))
         reinit_adapter(ctx.model, seed=seeds.adapter_reinit(ctx.seed, ctx.step))
         self.orth_last = None
-        ctx.log(f"  [olora] froze the previous domain's adapter as {name}; {len(self.frozen)} frozen, "
-                f"'{TRAINABLE}' re-initialised for {ctx.domain}")
+        logger.info(f"  [olora] froze the previous domain's adapter as {name}; {len(self.frozen)} frozen, "
+                    f"'{TRAINABLE}' re-initialised for {ctx.domain}")
 
     def attach(self, ctx: Context) -> None:
         if self.frozen:

@@ -15,6 +15,7 @@ Per domain t (each a durable pipeline step; state lives in state_dict()):
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,8 @@ from safeanchor.ssi import DEFAULT_GROUP_MB, safety_subspaces
 from safeanchor.subspace.anchor import anchor_kl, cached_reference
 from safeanchor.subspace.fisher import Subspace, merge_subspaces, random_basis
 from safeanchor.subspace.projection import GradientProjection
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -205,7 +208,7 @@ class SafeAnchor(Method):
     def setup(self, ctx: Context) -> None:
         if self.cfg.csm:
             self.s0 = ctx.probe_safety()
-            ctx.log(f"  [csm] s_0 = {self.s0:.3f} on {len(ctx.safety_probe)} probe prompts")
+            logger.info(f"  [csm] s_0 = {self.s0:.3f} on {len(ctx.safety_probe)} probe prompts")
 
     def _batches(self, ctx: Context, size: int, kinds: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
         return safety_batches(ctx.tokenizer, ctx.safety_calib, size, ctx.max_length, ctx.seed,
@@ -237,9 +240,9 @@ class SafeAnchor(Method):
             "alpha": {short_name(n): round(self.alpha[n], 4) for n in merged},
         }
         self.ssi_log.append(rec)
-        ctx.log(f"  [ssi] {ssi_s:.1f}s: k mean {rec['k_mean']:.1f} max {rec['k_max']}, "
-                f"{len(empty)} tensors with k=0 (zero gradient, e.g. lora_A at B=0); "
-                f"α min {rec['alpha_min']:.3f} mean {rec['alpha_mean']:.3f}")
+        logger.info(f"  [ssi] {ssi_s:.1f}s: k mean {rec['k_mean']:.1f} max {rec['k_max']}, "
+                    f"{len(empty)} tensors with k=0 (zero gradient, e.g. lora_A at B=0); "
+                    f"α min {rec['alpha_min']:.3f} mean {rec['alpha_mean']:.3f}")
         if ctx.run_dir is not None:
             ctx.run_dir.write_bytes(f"subspaces/step{ctx.step}-{ctx.domain}.safetensors", self.subspace_bytes())
 
@@ -272,9 +275,9 @@ class SafeAnchor(Method):
         if round == 0:
             self.csm_log.append({"domain": ctx.domain, "s_t": s, "s_0": self.s0, "threshold": thr,
                                  "triggered": s < thr, "rounds": 0, "s_after": s})
-            ctx.log(f"  [csm] s_t = {s:.3f} (threshold {thr:.3f}): {'replay' if s < thr else 'ok'}")
+            logger.info(f"  [csm] s_t = {s:.3f} (threshold {thr:.3f}): {'replay' if s < thr else 'ok'}")
         else:
-            ctx.log(f"  [csm] after replay round {round}: s = {s:.3f}")
+            logger.info(f"  [csm] after replay round {round}: s = {s:.3f}")
         rec = self.csm_log[-1]
         rec["s_after"] = s
         decision = {"round": round, "s": s, "threshold": thr}

@@ -42,6 +42,7 @@ loss. SafeGrad's code is not public; every choice made here:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,8 @@ from safeanchor.methods.base import Context, Method, register_method, trainable_
 from safeanchor.models import lora_parameters
 from safeanchor.subspace.anchor import shifted
 from safeanchor.train.loop import FullGrads
+
+logger = logging.getLogger(__name__)
 
 COUNTERS = ("steps", "conflicts", "skipped")
 
@@ -180,8 +183,8 @@ class SafeGrad(Method):
     def setup(self, ctx: Context) -> None:
         nonzero = [n for n, p in lora_parameters(ctx.model).items() if "lora_B" in n and bool(p.detach().any())]
         if nonzero:  # the reference is still the checkpoint, but θ no longer starts there
-            ctx.log(f"  [safegrad] note: {len(nonzero)} lora_B tensors are non-zero before domain 1; the KL "
-                    "reference (adapter off) is the checkpoint, not the starting model")
+            logger.info(f"  [safegrad] note: {len(nonzero)} lora_B tensors are non-zero before domain 1; the KL "
+                        "reference (adapter off) is the checkpoint, not the starting model")
 
     # ---- reporting / persistence -----------------------------------------------------
     def after_domain(self, ctx: Context) -> dict[str, Any]:
@@ -191,8 +194,8 @@ class SafeGrad(Method):
                "mean_cos_total": self.cos_sum / self.counters["steps"] if self.counters["steps"] else 0.0}
         self.reported = dict(self.counters)
         self.domain_log.append(rec)
-        ctx.log(f"  [safegrad] {d['conflicts']}/{d['steps']} steps had a conflicting gradient (projected)"
-                + (f", {d['skipped']} skipped (g_a = 0)" if d["skipped"] else ""))
+        logger.info(f"  [safegrad] {d['conflicts']}/{d['steps']} steps had a conflicting gradient (projected)"
+                    + (f", {d['skipped']} skipped (g_a = 0)" if d["skipped"] else ""))
         return rec
 
     def state_dict(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ alone (C·0 = 0 either way).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ import torch
 from safeanchor.config import ConfigError, check
 from safeanchor.methods.base import Context, Method, register_method
 from safeanchor.models import TRAINABLE, lora_layers
+
+logger = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model
 
@@ -195,8 +198,8 @@ class SafeLora(Method):
 
     def after_domain(self, ctx: Context) -> dict[str, Any]:
         rec = self.project(ctx)
-        ctx.log(f"  [safelora] projected {rec['num_projected']}/{rec['num_modules']} modules "
-                f"(mode {self.cfg.mode}; cos min {rec['cos_min']:.3f}, mean {rec['cos_mean']:.3f})")
+        logger.info(f"  [safelora] projected {rec['num_projected']}/{rec['num_modules']} modules "
+                    f"(mode {self.cfg.mode}; cos min {rec['cos_min']:.3f}, mean {rec['cos_mean']:.3f})")
         self.history.append({"domain": ctx.domain, **{k: rec[k] for k in ("num_projected", "cos_min", "cos_mean")}})
         return {"safelora": rec}
 

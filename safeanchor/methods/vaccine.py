@@ -26,6 +26,7 @@ Their LoRA (r 8, alpha 4) is the run's `lora.*` here.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ from safeanchor import seeds
 from safeanchor.config import ConfigError, check
 from safeanchor.methods.base import Context, Method, TrainPhase, register_method
 from safeanchor.models import adapter_weights, reinit_adapter, restore_frozen
+
+logger = logging.getLogger(__name__)
 
 FROZEN = "vaccine"
 
@@ -198,13 +201,13 @@ class Vaccine(Method):
 
     def setup(self, ctx: Context) -> None:
         if self.aligned:
-            ctx.log("  [vaccine] re-alignment already done")
+            logger.info("  [vaccine] re-alignment already done")
             return
         if ctx.train is None:
             raise RuntimeError("vaccine: the pipeline provides no ctx.train service")
         examples = self._examples(ctx)
-        ctx.log(f"  [vaccine] perturbation-aware re-alignment on {len(examples)} examples "
-                f"(rho {self.cfg.rho}, at each {self.cfg.perturb} output)")
+        logger.info(f"  [vaccine] perturbation-aware re-alignment on {len(examples)} examples "
+                    f"(rho {self.cfg.rho}, at each {self.cfg.perturb} output)")
         stats = ctx.train(TrainPhase(examples=examples, cfg=self.train_config(ctx), seed=ctx.seed,
                                      tag="vaccine", hooks="vaccine"))
         if self.cfg.fresh_adapter:

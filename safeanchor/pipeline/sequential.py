@@ -9,6 +9,7 @@ through one `safeanchor.storage.RunDir` (a local path or any pyarrow.fs URI), wr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -37,6 +38,8 @@ from safeanchor.storage import RunDir
 from safeanchor.tracking import default_tracking_uri, make_tracker, numeric_scalars
 from safeanchor.train.loop import TrainConfig, train_examples
 from safeanchor.train.phase import ModelSpec, PhaseContext, PhaseSpec, safe_name
+
+logger = logging.getLogger(__name__)
 
 CORE_METRICS = ("safety", "over_refusal", "helpful", "general")
 
@@ -170,7 +173,7 @@ def open_storage(cfg: RunConfig, storage: RunDir | None = None) -> RunDir:
     return storage if storage is not None else RunDir.open(cfg.storage)
 
 
-def prepare_run(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir | None = None) -> PreparedRun:
+def prepare_run(cfg: RunConfig, resume: bool = False, storage: RunDir | None = None) -> PreparedRun:
     """Validate inputs, build/load the toy world if referenced, load data, model and adapter.
 
     storage: the storage root (default: cfg.storage through pyarrow.fs)."""
@@ -199,13 +202,13 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir
     if cfg.uses_toyworld():
         from safeanchor.toyworld.build import build
 
-        world = build(cfg.toyworld, log=log)
+        world = build(cfg.toyworld)
         toy_paths = {"aligned": world.aligned_dir, "pretrained": world.pretrained_dir, "tokenizer": world.tokenizer_dir}
     aligned = None
     if cfg.align.enabled:  # a model that is not aligned yet: align it once (cached) -> step-0 model
         from safeanchor.alignment import run_alignment
 
-        aligned = run_alignment(cfg.align, resolve(cfg.model.name, toy_paths, "model.name"), log=log)
+        aligned = run_alignment(cfg.align, resolve(cfg.model.name, toy_paths, "model.name"))
     src = Sources(world, aligned, cfg.data.benchmarks)
 
     # --- data (all loaded and validated before any training) -------------------------
@@ -240,18 +243,18 @@ def prepare_run(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir
 
     if not resume:
         run_dir.write_text("config.yaml", dump_yaml(cfg))
-    log(f"[run] {cfg.resolved_run_id()} -> {run_dir.uri()}")
+    logger.info(f"[run] {cfg.resolved_run_id()} -> {run_dir.uri()}")
 
     ctx = Context(
         model=model, tokenizer=tokenizer, run_cfg=cfg, safety_calib=calib, safety_probe=probe,
-        base_model_ref=base_ref, log=log, run_dir=run_dir,
+        base_model_ref=base_ref, run_dir=run_dir,
     )
     ctx.probe_safety = lambda: probe_safety(model, tokenizer, probe, judge, cfg.eval)
     return PreparedRun(cfg, run_dir, tokenizer, suite, judge, method, ctx, domain_train, list(extra_h),
                        model_spec)
 
 
-def run_pipeline(cfg: RunConfig, log=print, resume: bool = False, storage: RunDir | None = None,
+def run_pipeline(cfg: RunConfig, resume: bool = False, storage: RunDir | None = None,
                  on_domain=None) -> dict[str, Any]:
     """Run (or, with resume, continue) the pipeline; finished steps under run_dir/steps are skipped.
 
@@ -260,7 +263,7 @@ def run_pipeline(cfg: RunConfig, log=print, resume: bool = False, storage: RunDi
     and skipped on resume), history = the evaluations of steps 0..t (Ray Tune reports from it)."""
     t_start = time.perf_counter()
     storage = open_storage(cfg, storage)
-    run = prepare_run(cfg, log, resume=resume, storage=storage)
+    run = prepare_run(cfg, resume=resume, storage=storage)
     tracker = make_tracker(cfg.tracking, storage)
     status = "FAILED"  # what the MLflow run ends with unless tracker.finish() ran
     try:
@@ -269,8 +272,8 @@ def run_pipeline(cfg: RunConfig, log=print, resume: bool = False, storage: RunDi
                             "resumed": resume},
                       key=run.run_dir.uri(), resume=resume)
         if tracker.run_id:
-            log(f"[mlflow] run {tracker.run_id} at {tracker.tracking_uri}")
-        summary = Runner(cfg, run, tracker, log, on_domain).run()
+            logger.info(f"[mlflow] run {tracker.run_id} at {tracker.tracking_uri}")
+        summary = Runner(cfg, run, tracker, on_domain).run()
         summary["wall_s"] = time.perf_counter() - t_start
         summary["mlflow_tracking_uri"] = tracker.tracking_uri
         summary["mlflow_run_id"] = tracker.run_id
@@ -281,8 +284,8 @@ def run_pipeline(cfg: RunConfig, log=print, resume: bool = False, storage: RunDi
         raise
     finally:
         tracker.fail(status)  # no-op after finish(); else ends the child / parent run
-    log(format_table(summary))
-    log(f"[run] summary: {run.run_dir.uri('summary.json')}")
+    logger.info(format_table(summary))
+    logger.info(f"[run] summary: {run.run_dir.uri('summary.json')}")
     return summary
 
 
@@ -304,8 +307,8 @@ class Runner:
     the method are restored from the last finished checkpoint before the first unfinished step.
     """
 
-    def __init__(self, cfg: RunConfig, run: PreparedRun, tracker, log, on_domain=None) -> None:
-        self.cfg, self.run_, self.tracker, self.log = cfg, run, tracker, log
+    def __init__(self, cfg: RunConfig, run: PreparedRun, tracker, on_domain=None) -> None:
+        self.cfg, self.run_, self.tracker = cfg, run, tracker
         self.on_domain = on_domain  # see run_pipeline
         self.model, self.tok, self.method, self.ctx = run.ctx.model, run.tokenizer, run.method, run.ctx
         self.store = StepStore(run.run_dir.sub("steps"))
@@ -320,7 +323,7 @@ class Runner:
         if self.store.done(name):
             if checkpoint:
                 self.pending = name
-            self.log(f"[step] {name}: finished earlier, skipped")
+            logger.info(f"[step] {name}: finished earlier, skipped")
             return self.store.record(name)
         self.restore()
         self.store.log_execution(name)
@@ -338,7 +341,7 @@ class Runner:
         if self.pending is None:
             return
         name, self.pending = self.pending, None
-        self.log(f"[step] restoring model and method state from {name}")
+        logger.info(f"[step] restoring model and method state from {name}")
         load_adapter_bytes(self.model, self.store.read(name, "adapter.safetensors"))
         self.method.load_state_dict(unpack_state(self.store.read(name, "state.safetensors"),
                                                  self.store.read(name, "state.json")))
@@ -348,7 +351,7 @@ class Runner:
     def train_phase(self, phase: TrainPhase) -> dict[str, Any]:
         """Train one phase in-process (executor local) or on Ray Train workers (executor ray)."""
         if not self.ray or phase.hooks in self.method.in_process_phases:
-            return train_in_process(self.method, self.ctx, phase, self.log, train=train_examples)
+            return train_in_process(self.method, self.ctx, phase, train=train_examples)
         from safeanchor.distributed.trainer import fit_phase
 
         cfg, ctx = self.cfg, self.ctx
@@ -360,7 +363,7 @@ class Runner:
             hooks=phase.hooks, examples=list(phase.examples), train=phase.cfg, seed=phase.seed, tag=phase.tag,
             context=PhaseContext(safety_calib=list(ctx.safety_calib), seed=ctx.seed, max_length=ctx.max_length,
                                  domain=ctx.domain, step=ctx.step))
-        out = fit_phase(spec, cfg.cluster, storage_path=self.run_.run_dir.uri("ray"), log=self.log,
+        out = fit_phase(spec, cfg.cluster, storage_path=self.run_.run_dir.uri("ray"),
                         storage_filesystem=self.run_.run_dir.ray_filesystem())
         load_adapter_bytes(self.model, out.adapter)
         self.method.end_phase(self.ctx, phase.hooks, out.hook_stats)
@@ -374,8 +377,7 @@ class Runner:
 
         job = SSIJob(self.run_.model_spec, adapter_bytes(self.model), list(examples), max_length, chunk,
                      DEFAULT_GROUP_MB if group_mb is None else group_mb)
-        return identify_subspaces(job, self.cfg.cluster, rho, k_max, k_fixed, model=self.model, tokenizer=self.tok,
-                                  log=self.log)
+        return identify_subspaces(job, self.cfg.cluster, rho, k_max, k_fixed, model=self.model, tokenizer=self.tok)
 
     def eval_step(self, t: int, label: str) -> dict[str, float]:
         """Score every set; what the model said (prompt, generation, verdict, set) goes to
@@ -385,8 +387,8 @@ class Runner:
         m = evaluate(self.model, self.tok, self.run_.suite, self.run_.judge, self.cfg.eval, records)
         self.run_.run_dir.write_text(f"generations/step{t}.jsonl",
                                      "".join(json.dumps({"step": t, **r}) + "\n" for r in records))
-        self.log(f"[eval] step {t} ({label}): " + " ".join(f"{k}={v:.3f}" for k, v in m.items()) +
-                 f" ({time.perf_counter() - t0:.0f}s)")
+        logger.info(f"[eval] step {t} ({label}): " + " ".join(f"{k}={v:.3f}" for k, v in m.items()) +
+                    f" ({time.perf_counter() - t0:.0f}s)")
         return m
 
     # ---- the DAG -------------------------------------------------------------------------
@@ -405,8 +407,8 @@ class Runner:
             with self.tracker.domain(t, d):
                 ctx.domain, ctx.step, ctx.domain_train = d, t, run.domain_train[d]
                 ctx.previous_domain_train = run.domain_train[cfg.data.order[t - 2]] if t > 1 else []
-                self.log(f"[domain {t}/{len(cfg.data.order)}] {d}: {len(ctx.domain_train)} examples, "
-                         f"method {cfg.method}")
+                logger.info(f"[domain {t}/{len(cfg.data.order)}] {d}: {len(ctx.domain_train)} examples, "
+                            f"method {cfg.method}")
                 self.step(f"{prefix}/01-before", lambda: {"info": method.before_domain(ctx)}, checkpoint=True)
                 phase = TrainPhase([], cfg.train, seeds.domain_phase(cfg.seed, t), d, "domain")
                 stats = self.step(f"{prefix}/02-train", lambda phase=phase: self.train_phase(

@@ -11,6 +11,7 @@ Layout under <storage>/<sweep_id>/ (Tune's experiment directory, plus):
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from safeanchor.sweep import report
 from safeanchor.sweep.objective import ObjectiveConfig
 from safeanchor.sweep.space import corners, to_tune
 from safeanchor.sweep.trainable import TrialContext, run_trial, trial_config
+
+logger = logging.getLogger(__name__)
 
 TUNING_SEEDS = [100, 101, 102, 103, 104]
 REPORTING_SEEDS = range(0, 5)  # the tables' seeds: never tuned on
@@ -95,7 +98,7 @@ def load_spec(storage: str, sweep_id: str) -> SweepSpec:
     return SweepSpec(**data)
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False, num_cpus: int | None = None, log=print) -> dict[str, Any]:
+def run_sweep(spec: SweepSpec, resume: bool = False, num_cpus: int | None = None) -> dict[str, Any]:
     """Run (or continue) the sweep; returns {"complete": bool, "best": row or None, "dir": path}."""
     if not resume and (spec.dir / "sweep.json").exists():
         raise ConfigError("sweep_id", f"{spec.dir} already holds a sweep: continue it with --resume {spec.sweep_id} "
@@ -128,11 +131,11 @@ def run_sweep(spec: SweepSpec, resume: bool = False, num_cpus: int | None = None
     _save_spec(spec)
     status = "FAILED"
     try:
-        out = _tune(spec, ctx, cfg, peak, resume, log)
+        out = _tune(spec, ctx, cfg, peak, resume)
         if isinstance(tracker, Tracker):
             closed = close_orphans(tracker.client, tracker.experiment_id, tracker.run_id)
             if closed:
-                log(f"[sweep] {closed} MLflow runs of stopped trials ended as KILLED")
+                logger.info(f"[sweep] {closed} MLflow runs of stopped trials ended as KILLED")
         status = "FINISHED" if out["complete"] else "KILLED"
         if out["best"] is not None:
             tracker.log_metrics({k: out["best"][k] for k in ("objective", "retention", "domain_plastic")}, step=0)
@@ -144,7 +147,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, num_cpus: int | None = None
         tracker.fail(status)  # ends the sweep run with this status (FINISHED included)
 
 
-def _tune(spec: SweepSpec, ctx: TrialContext, cfg, peak: float, resume: bool, log) -> dict[str, Any]:
+def _tune(spec: SweepSpec, ctx: TrialContext, cfg, peak: float, resume: bool) -> dict[str, Any]:
     import ray
     from ray import tune
 
@@ -154,13 +157,13 @@ def _tune(spec: SweepSpec, ctx: TrialContext, cfg, peak: float, resume: bool, lo
     if resume:
         if not tune.Tuner.can_restore(str(spec.dir)):
             raise ConfigError("resume", f"{spec.dir} holds no Tune experiment state to restore")
-        log(f"[sweep] resuming {spec.dir}: finished trials are kept, unfinished ones continue")
+        logger.info(f"[sweep] resuming {spec.dir}: finished trials are kept, unfinished ones continue")
         tuner = tune.Tuner.restore(str(spec.dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         conc = spec.max_concurrent or concurrency(cpus, peak, spec.trials, gpus, res.get("GPU", 0.0))
-        log(f"[sweep] {spec.trials} trials of {spec.method} ({spec.search}, seed {spec.search_seed}; "
-            f"{spec.scheduler}), seeds {spec.seeds}, {conc} at once ({cpus:g} CPUs, {peak:g} per trial) -> {spec.dir}")
+        logger.info(f"[sweep] {spec.trials} trials of {spec.method} ({spec.search}, seed {spec.search_seed}; "
+                    f"{spec.scheduler}), seeds {spec.seeds}, {conc} at once ({cpus:g} CPUs, {peak:g} per trial) -> {spec.dir}")
         reports = len(cfg.data.order) * len(spec.seeds)
         if spec.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
@@ -188,14 +191,14 @@ def _tune(spec: SweepSpec, ctx: TrialContext, cfg, peak: float, resume: bool, lo
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     tuner.fit()
-    return write_outputs(spec, cfg, log)
+    return write_outputs(spec, cfg)
 
 
 def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def write_outputs(spec: SweepSpec, cfg, log=print) -> dict[str, Any]:
+def write_outputs(spec: SweepSpec, cfg) -> dict[str, Any]:
     """Read the experiment's trials back; write the table (always) and, once every trial has
     ended, the Pareto plot and best.yaml."""
     from ray.tune import ExperimentAnalysis
@@ -214,12 +217,12 @@ def write_outputs(spec: SweepSpec, cfg, log=print) -> dict[str, Any]:
     report.write_text(spec.dir / "trials.md", report.markdown(rows, header))
     best = next((r for r in rows if r["best"]), None)
     if not ended:
-        log(f"[sweep] interrupted: {sum(t['status'] in ('TERMINATED', 'ERROR') for t in trials)}/{spec.trials} "
-            f"trials ended; continue with --resume {spec.sweep_id} --storage {spec.storage}")
+        logger.warning(f"[sweep] interrupted: {sum(t['status'] in ('TERMINATED', 'ERROR') for t in trials)}/{spec.trials} "
+                       f"trials ended; continue with --resume {spec.sweep_id} --storage {spec.storage}")
         return {"complete": False, "best": best, "dir": str(spec.dir), "rows": rows}
     report.plot_pareto(rows, spec.objective, spec.dir / "pareto.png", f"{spec.sweep_id} ({spec.method}, validation)")
     if best is None:
-        log("[sweep] no complete trial: no best.yaml")
+        logger.warning("[sweep] no complete trial: no best.yaml")
     else:
         point = next(t["point"] for t in trials if t["trial_id"] == best["trial_id"])
         comment = (f"python workflows/sequential.py --config {spec.dir / 'best.yaml'}\n"
@@ -229,5 +232,5 @@ def write_outputs(spec: SweepSpec, cfg, log=print) -> dict[str, Any]:
                    f"Tuned: {', '.join(f'{k}={v}' for k, v in sorted(point.items()))}")
         report.write_text(spec.dir / "best.yaml", report.best_yaml(spec.config, spec.overrides, spec.method, point,
                                                                     comment))
-    log(f"[sweep] {spec.dir}: trials.csv, trials.md, pareto.png" + (", best.yaml" if best else ""))
+    logger.info(f"[sweep] {spec.dir}: trials.csv, trials.md, pareto.png" + (", best.yaml" if best else ""))
     return {"complete": True, "best": best, "dir": str(spec.dir), "rows": rows}

@@ -77,8 +77,10 @@ def run_trial(point: dict[str, Any], ctx: TrialContext) -> None:
     import ray
     from ray import tune
 
+    from safeanchor import logs
     from safeanchor.pipeline.sequential import run_pipeline
 
+    logs.setup()  # the pipeline's progress lines on the trial's stdout, which Tune shows on its console
     # Helper processes Ray Train starts from this trial (its PlacementGroupCleaner) attach with a
     # bare ray.init(): point them at this cluster, or they fail when a machine runs several.
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import time
@@ -29,6 +30,8 @@ from safeanchor.toyworld.generator import ToyData, ToyDataConfig, generate
 from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, train_examples
 from safeanchor.utils import atomic_dir
+
+logger = logging.getLogger(__name__)
 
 # Bump when the generator or the build recipe changes in a way that alters the artefacts.
 FORMAT_VERSION = "5"  # 5: held-out harmful topics, validation splits
@@ -169,7 +172,7 @@ def alignment_mixture(data: ToyData, benign_fraction: float, seed: int) -> list:
     return mix
 
 
-def build(cfg: ToyWorldConfig, log=print, force: bool = False) -> ToyWorld:
+def build(cfg: ToyWorldConfig, force: bool = False) -> ToyWorld:
     """Return the cached toy world for `cfg`, building it first if needed (atomic)."""
     root = cfg.root()
     data = generate(cfg.data, cfg.seed)
@@ -182,7 +185,7 @@ def build(cfg: ToyWorldConfig, log=print, force: bool = False) -> ToyWorld:
     with _build_lock(root):
         if report_path.exists() and not force:
             return ToyWorld(root, data, json.loads(report_path.read_text()))
-        return _build(cfg, root, data, log)
+        return _build(cfg, root, data)
 
 
 @contextlib.contextmanager
@@ -198,21 +201,21 @@ def _build_lock(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build(cfg: ToyWorldConfig, root: Path, data: ToyData, log) -> ToyWorld:
+def _build(cfg: ToyWorldConfig, root: Path, data: ToyData) -> ToyWorld:
     t0 = time.perf_counter()
     with atomic_dir(root, mode=None) as tmp:  # mode None: as before, the directory stays private (0o700)
-        log(f"[toyworld] building {root} (once; later runs load it from the cache)")
+        logger.info(f"[toyworld] building {root} (once; later runs load it from the cache)")
         tok = build_tokenizer(_all_text(data), vocab_size=cfg.model.vocab_size)
         tok.save_pretrained(tmp / "tokenizer")
         model = _new_model(cfg.model, tok, cfg.seed)
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"[toyworld] pre-training a {n_params / 1e6:.2f} M-parameter Llama on {len(data.pretrain)} examples")
-        pre = train_examples(model, tok, data.pretrain, cfg.pretrain, cfg.seed, tag="pretrain", log=log)
+        logger.info(f"[toyworld] pre-training a {n_params / 1e6:.2f} M-parameter Llama on {len(data.pretrain)} examples")
+        pre = train_examples(model, tok, data.pretrain, cfg.pretrain, cfg.seed, tag="pretrain")
         model.save_pretrained(tmp / "pretrained", safe_serialization=True)
         tok.save_pretrained(tmp / "pretrained")  # a checkpoint ships its tokenizer
         mix = alignment_mixture(data, cfg.align_benign_fraction, cfg.seed)
-        log(f"[toyworld] aligning on {len(mix)} examples")
-        ali = train_examples(model, tok, mix, cfg.align, cfg.seed + 1, tag="align", log=log)
+        logger.info(f"[toyworld] aligning on {len(mix)} examples")
+        ali = train_examples(model, tok, mix, cfg.align, cfg.seed + 1, tag="align")
         model.save_pretrained(tmp / "aligned", safe_serialization=True)
         tok.save_pretrained(tmp / "aligned")
         report = {
@@ -220,5 +223,5 @@ def _build(cfg: ToyWorldConfig, root: Path, data: ToyData, log) -> ToyWorld:
             "pretrain": pre, "align": ali, "build_s": time.perf_counter() - t0,
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
-    log(f"[toyworld] built in {report['build_s']:.0f}s -> {root}")
+    logger.info(f"[toyworld] built in {report['build_s']:.0f}s -> {root}")
     return ToyWorld(root, data, report)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +57,8 @@ import torch
 
 from safeanchor.config import check
 from safeanchor.data import ExampleBatches, encode_dataset
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -368,7 +371,6 @@ def run_loop(
     start_step: int = 0,
     losses: list[float] | None = None,
     on_step: Callable[[int, list[float]], None] | None = None,
-    log: Callable[[str], None] | None = print,
     tag: str = "train",
 ) -> dict[str, Any]:
     """Steps start_step..steps-1 of a phase; `batches` yields the GLOBAL batches from start_step.
@@ -426,10 +428,10 @@ def run_loop(
                     gh.active = True
             engine.step()
             losses.append(task_value)
-            if log is not None and rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
+            if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
                 recent = losses[-cfg.log_every:]
-                log(f"  [{tag}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
-                    f"lr {engine.lr():.2e} ({time.perf_counter() - t0:.0f}s)")
+                logger.info(f"  [{tag}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
+                            f"lr {engine.lr():.2e} ({time.perf_counter() - t0:.0f}s)")
             if on_step is not None:
                 on_step(step + 1, losses)
     model.eval()
@@ -455,7 +457,6 @@ def train_examples(
     seed: int,
     hooks: StepHooks | None = None,
     tag: str = "train",
-    log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """In this process, on the model's device: encode chat examples, batch them in a
     deterministic order from `seed`, and run the loop."""
@@ -466,4 +467,4 @@ def train_examples(
         engine = TorchStepEngine(model, cfg, steps)
     except ValueError as e:
         raise ValueError(f"{tag}: {e}") from None
-    return run_loop(engine, batches_from(batcher.epoch, len(batcher), 0), steps, cfg, hooks, log=log, tag=tag)
+    return run_loop(engine, batches_from(batcher.epoch, len(batcher), 0), steps, cfg, hooks, tag=tag)

@@ -121,8 +121,7 @@ def build(spec: PhaseSpec) -> Built:
     method.load_state_dict(unpack_state(*spec.state))
     c = spec.context
     ctx = Context(model=model, tokenizer=tokenizer, run_cfg=None, domain=c.domain, step=c.step,
-                  safety_calib=list(c.safety_calib), seed=c.seed, max_length=c.max_length,
-                  log=lambda *_: None)
+                  safety_calib=list(c.safety_calib), seed=c.seed, max_length=c.max_length)
     method.attach(ctx)  # model changes the method owns (e.g. O-LoRA's frozen adapters)
     return Built(spec, model, tokenizer, method, ctx)
 

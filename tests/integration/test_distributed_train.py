@@ -101,7 +101,7 @@ def reference(spec) -> PhaseResult:
     """The spec trained in this process (cached per spec content)."""
     key = repr((spec.method, spec.options, spec.hooks, spec.train, spec.seed, hash(spec.state), hash(spec.adapter)))
     if key not in _REF:
-        _REF[key] = run_phase(spec, log=None)
+        _REF[key] = run_phase(spec)
     return _REF[key]
 
 
@@ -118,7 +118,7 @@ def fit(tmp_path: Path, spec, stage: int = 2, bf16: bool = False, **cluster) -> 
     cl = ClusterConfig(num_workers=2, deepspeed=DeepSpeedConfig(zero_stage=stage, bf16=bf16),
                        **{"max_failures": 0, **cluster})
     t0 = time.perf_counter()
-    out = fit_phase(spec, cl, storage_path=str(tmp_path / "ray"), log=None)
+    out = fit_phase(spec, cl, storage_path=str(tmp_path / "ray"))
     TIMES[spec.name] = time.perf_counter() - t0
     assert out.stats["world_size"] == 2 and out.stats["zero_stage"] == stage and out.stats["bf16"] == bf16
     return out
@@ -162,13 +162,13 @@ def test_reference_is_sensitive(world, sa):
         other, _ = safeanchor_phases(world, opts)
         if tcfg is not None:
             other = replace(other, train=tcfg)
-        assert max_err(base, tensors(run_phase(other, log=None))) > 500 * ATOL, opts
+        assert max_err(base, tensors(run_phase(other))) > 500 * ATOL, opts
     sg = safegrad_spec(world, "sg", SG)
     out = reference(sg)
     conflicts = out.hook_stats["conflicts"]
     assert 2 <= conflicts < sg.train.max_steps  # the surgery acts on some steps of this phase ...
     plain = phase_spec(world, "plain", "lora", examples=compliance(world))
-    assert max_err(tensors(out), tensors(run_phase(plain, log=None))) > 500 * ATOL  # ... and matters
+    assert max_err(tensors(out), tensors(run_phase(plain))) > 500 * ATOL  # ... and matters
     # the workers' halves of a batch hold different token counts, so averaging per-rank token
     # means (instead of the global token mean) would give a different gradient
     b = live(spec)

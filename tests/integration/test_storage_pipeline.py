@@ -84,7 +84,7 @@ def test_pipeline_on_a_subtree_filesystem(tmp_path, cache, monkeypatch):
     storage = RunDir(pafs.SubTreeFileSystem(str(base), pafs.LocalFileSystem()), "/runs")
     cfg = load_run_config(TINY, [f"toyworld.cache_dir={cache}", "methods.safeanchor.replay_steps=2"],
                           method="safeanchor", run_id="sub", **{"data.order": ["medical"]})
-    run_pipeline(cfg, log=lambda *_: None, storage=storage)
+    run_pipeline(cfg, storage=storage)
     run = base / "runs" / "sub"
     s = _assert_run_files(RunDir.open(str(run)), ["medical"], subspaces=True, tracked=True)
     assert s["mlflow_tracking_uri"] == f"sqlite:///{base}/runs/mlflow.db"
@@ -100,10 +100,10 @@ def test_pipeline_on_a_non_local_filesystem(tmp_path, cache):
                                  "tracking.enabled=false"],
                           method="safeanchor", run_id="mem", storage=str(tmp_path / "unused"),
                           **{"data.order": ["medical"]})
-    run_pipeline(cfg, log=lambda *_: None, storage=storage)
+    run_pipeline(cfg, storage=storage)
     s = _assert_run_files(storage.sub("mem"), ["medical"], subspaces=True, tracked=False)
     assert not (tmp_path / "unused").exists()
-    run_pipeline(cfg, log=lambda *_: None, resume=True, storage=storage)  # resume reads it back
+    run_pipeline(cfg, resume=True, storage=storage)  # resume reads it back
     assert storage.sub("mem").read_json("summary.json")["executions"] == s["executions"]
 
 
@@ -113,6 +113,6 @@ def test_non_local_storage_without_an_mlflow_server_fails_before_any_work(tmp_pa
     cache = tmp_path / "cache"
     cfg = load_run_config(TINY, [f"toyworld.cache_dir={cache}"], run_id="m")
     with pytest.raises(ConfigError) as e:
-        run_pipeline(cfg, log=lambda *_: None, storage=storage)
+        run_pipeline(cfg, storage=storage)
     assert e.value.key == "tracking.tracking_uri"
     assert not cache.exists() and not storage.exists("m")  # no toy world built, no run directory

@@ -9,6 +9,7 @@ cache its result. An in-process tokenizer, seconds of training, no downloads.
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def world(tmp_path_factory):
     # A real base model can already say "I am sorry" (it just does not, to harmful requests).
     pre += [ChatExample(f"Please repeat: {r}", r) for r in TEST_REFUSALS] * 12
     train_examples(model, tok, pre, TrainConfig(lr=1e-2, epochs=100, max_steps=80, batch_size=24, max_length=40,
-                                                warmup_ratio=0.05, log_every=1000), 0, log=None)
+                                                warmup_ratio=0.05, log_every=1000), 0)
     base = tmp_path_factory.mktemp("base") / "tiny-base"
     model.save_pretrained(base)
     tok.save_pretrained(base)
@@ -99,15 +100,15 @@ def _sets(data):
     return data["harmful"], data["benign"]
 
 
-def test_alignment_makes_held_out_harmful_refused_and_keeps_benign(world, tmp_path):
+def test_alignment_makes_held_out_harmful_refused_and_keeps_benign(world, tmp_path, caplog):
     base, data = world
     harmful, benign = _sets(data)
     held_h, held_b = data["held_harmful"], data["held_benign"]  # phrasings never trained on
     before = _refusal(base, held_h)
 
-    logs: list[str] = []
+    caplog.set_level(logging.INFO, logger="safeanchor")
     tok = load_tokenizer(str(base))
-    res = al.align_model(base, tok, harmful, benign, _cfg(), cache_dir=tmp_path, log=logs.append,
+    res = al.align_model(base, tok, harmful, benign, _cfg(), cache_dir=tmp_path,
                          calib_harmful=[ChatExample(p) for p in held_h[:6]], calib_benign=[ChatExample(p) for p in held_b[:4]])
 
     after_h, after_b = _refusal(res.model_dir, held_h), _refusal(res.model_dir, held_b)
@@ -119,6 +120,7 @@ def test_alignment_makes_held_out_harmful_refused_and_keeps_benign(world, tmp_pa
     assert (res.model_dir / "model.safetensors").is_file()
     assert not (res.model_dir / "adapter_config.json").exists()
     # Progress shown; report and calibration set written.
+    logs = caplog.messages
     assert any("generating own answers" in m for m in logs) and any("[align] step" in m for m in logs)
     assert res.report["examples"]["refusals"] == len(harmful) and res.report["train"]["steps"] == 100
     # Calibration set: harmful -> a refusal template; benign -> the aligned model's own (compliant) answer.
@@ -129,12 +131,12 @@ def test_alignment_makes_held_out_harmful_refused_and_keeps_benign(world, tmp_pa
     assert all(c["response"].startswith("Sure") for c in calib[6:])
 
 
-def test_second_call_is_cached_without_loading_or_training(world, tmp_path, monkeypatch):
+def test_second_call_is_cached_without_loading_or_training(world, tmp_path, monkeypatch, caplog):
     base, data = world
     harmful, benign = _sets(data)
     tok = load_tokenizer(str(base))
     cfg = _cfg(**{"train.max_steps": 5})
-    first = al.align_model(base, tok, harmful, benign, cfg, cache_dir=tmp_path, log=None)
+    first = al.align_model(base, tok, harmful, benign, cfg, cache_dir=tmp_path)
 
     import safeanchor.models
 
@@ -142,9 +144,10 @@ def test_second_call_is_cached_without_loading_or_training(world, tmp_path, monk
         raise AssertionError("the cached alignment must not load (or train) a model")
 
     monkeypatch.setattr(safeanchor.models, "load_model", boom)
-    logs: list[str] = []
-    again = al.align_model(base, tok, harmful, benign, cfg, cache_dir=tmp_path, log=logs.append)
-    assert again.model_dir == first.model_dir and any("cached" in m for m in logs)
+    caplog.set_level(logging.INFO, logger="safeanchor")
+    caplog.clear()
+    again = al.align_model(base, tok, harmful, benign, cfg, cache_dir=tmp_path)
+    assert again.model_dir == first.model_dir and any("cached" in m for m in caplog.messages)
     # Nothing half-written left behind: the result, and the own-answers cache.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.model_dir.name, "answers"])
 
@@ -153,7 +156,7 @@ def test_cache_key_follows_inputs_and_answers_are_reused(world, tmp_path, monkey
     base, data = world
     harmful, benign = _sets(data)
     tok = load_tokenizer(str(base))
-    a = al.align_model(base, tok, harmful, benign, _cfg(**{"train.max_steps": 3}), cache_dir=tmp_path, log=None)
+    a = al.align_model(base, tok, harmful, benign, _cfg(**{"train.max_steps": 3}), cache_dir=tmp_path)
 
     # A different training config is a different aligned model, but the own answers (which
     # depend only on the base model, tokenizer and prompts) come from the cache.
@@ -164,8 +167,8 @@ def test_cache_key_follows_inputs_and_answers_are_reused(world, tmp_path, monkey
 
     monkeypatch.setattr(safeanchor.evaluation, "generate", no_generation)
     b = al.align_model(base, tok, harmful, benign, _cfg(**{"train.max_steps": 3, "train.lr": 1e-3}),
-                       cache_dir=tmp_path, log=None)
-    c = al.align_model(base, tok, harmful[:-1], benign, _cfg(**{"train.max_steps": 3}), cache_dir=tmp_path, log=None)
+                       cache_dir=tmp_path)
+    c = al.align_model(base, tok, harmful[:-1], benign, _cfg(**{"train.max_steps": 3}), cache_dir=tmp_path)
     assert len({a.model_dir, b.model_dir, c.model_dir}) == 3
 
 
@@ -174,7 +177,7 @@ def test_no_usable_own_answer_is_an_error_naming_the_key(world, tmp_path):
     tok = load_tokenizer(str(base))
     # 4 tokens cannot hold "Sure. Here is a helpful answer.": every answer is cut to nothing.
     with pytest.raises(ConfigError, match=r"align\.answer_tokens"):
-        al.align_model(base, tok, data["harmful"], data["benign"], _cfg(answer_tokens=4), cache_dir=tmp_path, log=None)
+        al.align_model(base, tok, data["harmful"], data["benign"], _cfg(answer_tokens=4), cache_dir=tmp_path)
     assert not any(p.name.startswith("tiny-base-aligned") for p in tmp_path.iterdir())
 
 
@@ -183,7 +186,7 @@ def test_full_fine_tuning_mode_changes_every_weight_kind(world, tmp_path):
     harmful, benign = _sets(data)
     tok = load_tokenizer(str(base))
     res = al.align_model(base, tok, harmful[:16], benign[:8], _cfg(mode="full", **{"train.max_steps": 3}),
-                         cache_dir=tmp_path, log=None)
+                         cache_dir=tmp_path)
     before = load_model(str(base), ModelConfig(name=str(base))).state_dict()
     after = load_model(str(res.model_dir), ModelConfig(name=str(res.model_dir))).state_dict()
     changed = {k.split(".")[-2] for k in before if not torch.equal(before[k], after[k])}

@@ -55,8 +55,7 @@ def test_identify_equals_pipeline_ssi_and_round_trips(tok, tmp_path):
     fresh = sa.identify(model, tok, CALIB, max_length=MAXLEN, k_max=4)
     merged = back.merge(fresh, k_max=4)
     same_subspaces(merged, {n: merge_subspaces(got[n], fresh[n], 0.9, 4) for n in got})
-    ctx = Context(model=model, tokenizer=tok, run_cfg=None, safety_calib=CALIB, seed=0, max_length=MAXLEN,
-                  log=lambda *_: None)
+    ctx = Context(model=model, tokenizer=tok, run_cfg=None, safety_calib=CALIB, seed=0, max_length=MAXLEN)
     method = SafeAnchor(SafeAnchorConfig(k_max=4, lam=1.0))
     method.subspaces = dict(back)
     method.before_domain(ctx)  # the pipeline's merge and α
@@ -66,8 +65,7 @@ def test_identify_equals_pipeline_ssi_and_round_trips(tok, tmp_path):
 
 def test_projector_and_anchor_equal_the_pipeline_hooks(tok):
     model = start_model(tok)
-    ctx = Context(model=model, tokenizer=tok, run_cfg=None, safety_calib=CALIB, seed=0, max_length=MAXLEN,
-                  log=lambda *_: None)
+    ctx = Context(model=model, tokenizer=tok, run_cfg=None, safety_calib=CALIB, seed=0, max_length=MAXLEN)
     method = SafeAnchor(SafeAnchorConfig(k_max=4, lam=1.0, gamma=1.0, anchor_batch=2, csm=False))
     method.before_domain(ctx)
     subs = sa.identify(model, tok, CALIB, max_length=MAXLEN, k_max=4)
@@ -136,7 +134,7 @@ def test_callback_second_domain_merges_the_saved_subspaces_and_replays(tok, tmp_
 
     def train(out, judge, previous=None):
         cb = SafeAnchorCallback(CALIB, probe=[e.prompt for e in CALIB], domain_examples=DOMAIN, previous=previous,
-                                config=cfg, max_length=MAXLEN, judge=judge, max_new_tokens=2, log=lambda *_: None)
+                                config=cfg, max_length=MAXLEN, judge=judge, max_new_tokens=2)
         Trainer(model=model, args=trainer_args(out, 1, steps=1), train_dataset=feats, processing_class=tok,
                 data_collator=lambda fs: collate(fs, tok.pad_token_id), callbacks=[cb]).train()
         return cb
@@ -156,8 +154,7 @@ def test_callback_second_domain_merges_the_saved_subspaces_and_replays(tok, tmp_
             super().on_train_end(*a, **kw)
 
     cb = AfterTraining(CALIB, probe=[e.prompt for e in CALIB], domain_examples=DOMAIN, previous=tmp_path / "d1",
-                       config=cfg, max_length=MAXLEN, judge=ScriptedJudge([0.5, 0.5]), max_new_tokens=2,
-                       log=lambda *_: None)
+                       config=cfg, max_length=MAXLEN, judge=ScriptedJudge([0.5, 0.5]), max_new_tokens=2)
     Trainer(model=model, args=trainer_args(tmp_path / "d2", 1, steps=1), train_dataset=feats, processing_class=tok,
             data_collator=lambda fs: collate(fs, tok.pad_token_id), callbacks=[cb]).train()
     assert cb.step == 2 and cb.method.s0 == 1.0

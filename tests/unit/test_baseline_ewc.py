@@ -34,7 +34,7 @@ def tok():
 def make_ctx(tok, **opts):
     model = tiny_lora(tok)
     ctx = Context(model=model, tokenizer=tok, run_cfg=RunConfig(), safety_calib=CALIB, domain="medical",
-                  step=1, domain_train=DOMAIN, log=lambda *_: None)
+                  step=1, domain_train=DOMAIN)
     return ctx, Ewc(EwcConfig(**opts))
 
 
@@ -215,7 +215,7 @@ def test_runs_in_the_real_loop(tok):
     before = {n: p.detach().clone() for n, p in lora_parameters(ctx.model).items()}
     hooks = ewc.phase_hooks(ctx, "domain")
     stats = train_examples(ctx.model, tok, CALIB + DOMAIN, TrainConfig(max_steps=2, batch_size=4, max_length=32),
-                           0, hooks=hooks, log=None)
+                           0, hooks=hooks)
     assert stats["steps"] == 2 and ewc.state_dict()["penalty"]["n"] == 0  # the hooks count ...
     ewc.end_phase(ctx, "domain", hook_stats(hooks))  # ... the driver folds it in
     st = ewc.state_dict()["penalty"]

@@ -23,7 +23,7 @@ DOMAIN = [ChatExample(f"What is fact {i}?", f"Fact {i} is a domain fact.") for i
 
 def ctx_for(seed=0, step=1, calib=CALIB):
     return Context(model=None, tokenizer=None, run_cfg=RunConfig(seed=seed), safety_calib=calib,
-                   domain="medical", step=step, log=lambda *_: None)
+                   domain="medical", step=step)
 
 
 def test_exact_ratio_and_provenance():
@@ -87,12 +87,12 @@ def test_runs_in_the_real_loop():
     tok = toy_tokenizer(CALIB[:4] + DOMAIN[:4])
     model = tiny_lora(tok)
     ctx = Context(model=model, tokenizer=tok, run_cfg=RunConfig(), safety_calib=CALIB, domain="medical", step=1,
-                  domain_train=DOMAIN[:14], log=lambda *_: None)
+                  domain_train=DOMAIN[:14])
     m = Interleave(InterleaveConfig())
     examples = m.training_examples(ctx, ctx.domain_train)
     assert len(examples) == 16
     before = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
     stats = train_examples(model, tok, examples, TrainConfig(max_steps=2, batch_size=4, max_length=32), 0,
-                           hooks=m.phase_hooks(ctx, "domain"), log=None)
+                           hooks=m.phase_hooks(ctx, "domain"))
     assert stats["steps"] == 2 and stats["loss_last"] == stats["loss_last"]  # finite, not NaN
     assert any(not torch.equal(before[n], p) for n, p in lora_parameters(model).items())

@@ -33,8 +33,7 @@ def tok():
 
 def make_ctx(tok, tmp_path=None):
     model = tiny_lora(tok)
-    return Context(model=model, tokenizer=tok, run_cfg=RunConfig(), log=lambda *_: None,
-                   run_dir=_subtree(tmp_path) if tmp_path else None)
+    return Context(model=model, tokenizer=tok, run_cfg=RunConfig(), run_dir=_subtree(tmp_path) if tmp_path else None)
 
 
 def _subtree(path):
@@ -51,7 +50,7 @@ def logits(model, tok):
 
 def train(ctx, method, seed=0):
     return train_examples(ctx.model, ctx.tokenizer, EXAMPLES * 2, TRAIN, seed,
-                          hooks=method.phase_hooks(ctx, "domain"), log=None)
+                          hooks=method.phase_hooks(ctx, "domain"))
 
 
 def adapter(model, name):

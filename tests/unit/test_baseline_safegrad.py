@@ -46,7 +46,7 @@ def make(tok, keep_aligned=False, **opts):
     aligned = copy.deepcopy(base).eval() if keep_aligned else None
     model = with_lora(base)
     ctx = Context(model=model, tokenizer=tok, run_cfg=RunConfig(), safety_calib=CALIB, domain="medical",
-                  step=1, domain_train=DOMAIN, log=lambda *_: None)
+                  step=1, domain_train=DOMAIN)
     sg = SafeGrad(SafeGradConfig(**{"align_batch": 2, **opts}))
     return ctx, sg, aligned
 
@@ -210,7 +210,7 @@ def test_runs_in_the_real_loop(tok):
 
     hooks.after_backward = checked
     stats = train_examples(ctx.model, tok, DOMAIN + CALIB, TrainConfig(max_steps=2, batch_size=4, max_length=32),
-                           0, hooks=hooks, log=None)
+                           0, hooks=hooks)
     assert stats["steps"] == 2 and len(dots) == 2 and min(dots) >= -1e-6
     sg.end_phase(ctx, "domain", hook_stats(hooks))
     assert sg.state_dict()["counters"]["steps"] == 2

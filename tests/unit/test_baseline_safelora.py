@@ -58,7 +58,7 @@ def make_ctx(tok, base_dir):
         for _, layer in lora_layers(model):
             layer.lora_B["default"].weight.copy_(0.1 * torch.randn(layer.lora_B["default"].weight.shape, generator=g))
     return Context(model=model, tokenizer=tok, run_cfg=RunConfig(), base_model_ref=str(base_dir),
-                   log=lambda *_: None, domain="medical", step=1)
+                   domain="medical", step=1)
 
 
 def dense_reference(ctx, base_dir):
@@ -167,7 +167,7 @@ def test_domain_phase_through_train_examples(tok, base_dir):
     method = SafeLora(SafeLoraConfig())
     before = {k: v.clone() for k, v in b_now(ctx).items()}
     stats = train_examples(ctx.model, ctx.tokenizer, EXAMPLES * 2, TrainConfig(max_steps=2, batch_size=4, max_length=32),
-                           0, hooks=method.phase_hooks(ctx, "domain"), log=None)
+                           0, hooks=method.phase_hooks(ctx, "domain"))
     assert stats["steps"] == 2
     assert any(not torch.equal(before[k], v) for k, v in b_now(ctx).items())
     info = method.after_domain(ctx)["safelora"]

@@ -25,7 +25,7 @@ def make_ctx(tok):
         for n, p in lora_parameters(model).items():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
-    return Context(model=model, tokenizer=tok, run_cfg=RunConfig(), safety_calib=CALIB, log=lambda *_: None)
+    return Context(model=model, tokenizer=tok, run_cfg=RunConfig(), safety_calib=CALIB)
 
 
 def batch_of(tok):
@@ -140,7 +140,7 @@ def driver_train(ctx, method, phases):
         phases.append(phase)
         hooks = method.phase_hooks(ctx, phase.hooks)
         stats = train_examples(ctx.model, ctx.tokenizer, phase.examples, phase.cfg, phase.seed, hooks=hooks,
-                               tag=phase.tag, log=None)
+                               tag=phase.tag)
         method.end_phase(ctx, phase.hooks, hook_stats(hooks))
         phases.append({k: v.detach().clone() for k, v in
                        get_peft_model_state_dict(ctx.model, adapter_name="default").items()})
@@ -203,13 +203,13 @@ def test_phases_through_train_examples(tok):
     method = Vaccine(VaccineConfig())
     cfg = TrainConfig(max_steps=2, batch_size=4, max_length=32)
     hooks = method.phase_hooks(ctx, "vaccine")
-    stats = train_examples(ctx.model, ctx.tokenizer, CALIB * 2, cfg, 0, hooks=hooks, log=None)
+    stats = train_examples(ctx.model, ctx.tokenizer, CALIB * 2, cfg, 0, hooks=hooks)
     assert stats["steps"] == 2 and hooks.steps == 2
     assert hooks.stats()["steps"] == 2
     hooks.close()
     assert not hooks.handles
     assert method.phase_hooks(ctx, "domain") is method
-    stats = train_examples(ctx.model, ctx.tokenizer, CALIB * 2, cfg, 0, hooks=method.phase_hooks(ctx, "domain"), log=None)
+    stats = train_examples(ctx.model, ctx.tokenizer, CALIB * 2, cfg, 0, hooks=method.phase_hooks(ctx, "domain"))
     assert stats["steps"] == 2
     with pytest.raises(ValueError, match="replay"):
         method.phase_hooks(ctx, "replay")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from safeanchor import logs
 from safeanchor.compare.cells import (
     Cell,
     expand_orders,
@@ -170,7 +172,7 @@ def test_report_sections_spreads_and_plots(tmp_path, where):
     assert metrics["lora/safety"] == pytest.approx(0.25) and metrics["strict/safety"] == pytest.approx(0.88)
     assert math.isclose(metrics["safeanchor/retention"], 0.8 / 0.9)
 
-    out = write_report(root, state, log=lambda *_: None)
+    out = write_report(root, state)
     assert out["files"] == ["report.md", "forgetting.png", "forgetting_T5.png", "safety_trajectory.png", "tradeoff.png"]
     for name in out["files"][1:]:
         assert root.read_bytes(name)[:4] == b"\x89PNG"
@@ -195,12 +197,15 @@ def test_cli_errors_name_the_option(tmp_path, capsys):
 
 @pytest.mark.parametrize("where", ["local", "memory"])
 def test_cell_log_appends_attempts(tmp_path, where):
-    from safeanchor.compare.driver import _CellLog
+    from safeanchor.compare.driver import cell_log
 
     root = RunDir.open(str(tmp_path)) if where == "local" else _memory_dir(f"/{tmp_path.name}/logs")
+    logger = logging.getLogger("safeanchor.pipeline.sequential")  # any module's logger
+    console = logs.setup()  # a console handler already there (a shared worker's) is left out
     for attempt in ("started", "resumed"):
-        log = _CellLog(root, "lora-seed0-medical")
-        log(f"=== {attempt} ===")
-        log("line")
-        log.close()
+        with cell_log(root, "lora-seed0-medical"):
+            logger.info(f"=== {attempt} ===")
+            logger.info("line")
+        logging.getLogger("safeanchor").info("after the cell: not in its log")
     assert root.read_text("logs/lora-seed0-medical.log") == "=== started ===\nline\n=== resumed ===\nline\n"
+    assert logging.getLogger("safeanchor").handlers == [console]  # restored

@@ -9,6 +9,7 @@ No downloads.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -105,10 +106,10 @@ def tiny(tmp_path_factory):
     return d / "tiny-llama.gguf", model, tok
 
 
-def test_round_trip_same_function_and_tokenizer(tiny, tmp_path):
+def test_round_trip_same_function_and_tokenizer(tiny, tmp_path, caplog):
     path, model, tok = tiny
-    logs: list[str] = []
-    out = convert_gguf(path, cache_dir=tmp_path, log=logs.append)
+    caplog.set_level(logging.INFO, logger="safeanchor")
+    out = convert_gguf(path, cache_dir=tmp_path)
 
     # A plain safetensors checkpoint: no GGUF quantization entry, no pickle.
     assert (out / "model.safetensors").is_file() and (out / DONE_FILE).is_file()
@@ -135,16 +136,17 @@ def test_round_trip_same_function_and_tokenizer(tiny, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     info = json.loads((out / DONE_FILE).read_text())
     assert info["max_abs_logit_diff"] <= 1e-4 and info["source"] == str(path)
-    assert any("converting" in m for m in logs)
+    assert any("converting" in m for m in caplog.messages)
 
 
-def test_second_call_is_cached_and_atomic(tiny, tmp_path):
+def test_second_call_is_cached_and_atomic(tiny, tmp_path, caplog):
     path, _, _ = tiny
-    out = convert_gguf(path, cache_dir=tmp_path, log=None)
+    out = convert_gguf(path, cache_dir=tmp_path)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    logs: list[str] = []
-    again = convert_gguf(path, cache_dir=tmp_path, log=logs.append)
-    assert again == out and logs == []  # nothing converted, nothing said
+    caplog.set_level(logging.INFO, logger="safeanchor")
+    caplog.clear()
+    again = convert_gguf(path, cache_dir=tmp_path)
+    assert again == out and caplog.messages == []  # nothing converted, nothing said
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     # No temporary directories left behind.
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
@@ -152,10 +154,10 @@ def test_second_call_is_cached_and_atomic(tiny, tmp_path):
 
 def test_incomplete_cache_entry_is_rebuilt(tiny, tmp_path):
     path, _, _ = tiny
-    out = convert_gguf(path, cache_dir=tmp_path, log=None)
+    out = convert_gguf(path, cache_dir=tmp_path)
     (out / DONE_FILE).unlink()  # as if a crash had happened before the marker was written
     (out / "model.safetensors").write_bytes(b"garbage")
-    out2 = convert_gguf(path, cache_dir=tmp_path, log=None)
+    out2 = convert_gguf(path, cache_dir=tmp_path)
     assert out2 == out and (out / DONE_FILE).is_file()
     load_model(str(out), ModelConfig(name=str(out)))  # a real checkpoint again
 
@@ -165,7 +167,7 @@ def test_gguf_reference_resolves_through_models_resolve(tiny, tmp_path, monkeypa
     monkeypatch.setenv("SAFEANCHOR_CACHE", str(tmp_path))
     got = resolve(f"gguf:{path}", None, "model.name")
     assert Path(got).parent == tmp_path / "models" and (Path(got) / DONE_FILE).is_file()
-    assert resolve_gguf(f"gguf:{path}", log=None) == Path(got)
+    assert resolve_gguf(f"gguf:{path}") == Path(got)
 
 
 def test_bad_references_name_the_key(tmp_path):

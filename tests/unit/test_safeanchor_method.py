@@ -23,7 +23,7 @@ def tok():
 def make_ctx(tok, **opts):
     model = tiny_lora(tok)
     run_cfg = RunConfig()
-    ctx = Context(model=model, tokenizer=tok, run_cfg=run_cfg, safety_calib=CALIB, log=lambda *_: None)
+    ctx = Context(model=model, tokenizer=tok, run_cfg=run_cfg, safety_calib=CALIB)
     sa = SafeAnchor(SafeAnchorConfig(csm=False, **opts))
     return ctx, sa
 
@@ -249,7 +249,7 @@ def test_replay_phase_runs_in_the_training_loop(tok):
     hooks = sa.phase_hooks(ctx, "replay")
     before = {n: p.detach().clone() for n, p in lora_parameters(ctx.model).items()}
     stats = train_examples(ctx.model, tok, CALIB, TrainConfig(max_steps=2, batch_size=2, max_length=32), 0,
-                           hooks=hooks, log=None)
+                           hooks=hooks)
     assert stats["steps"] == 2 and hooks.stats() == {"steps": 2}  # one safety batch per step
     assert any(not torch.equal(before[n], p) for n, p in lora_parameters(ctx.model).items())
 

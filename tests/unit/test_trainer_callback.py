@@ -77,13 +77,13 @@ def pipeline_update(tok, steps=2, **opts):
     """The pipeline's SafeAnchor domain phase: SSI at the start model, then `steps` full-batch steps."""
     model = start_model(tok)
     ctx = Context(model=model, tokenizer=tok, run_cfg=None, safety_calib=CALIB, domain="d", step=1, seed=0,
-                  max_length=MAXLEN, log=lambda *_: None)
+                  max_length=MAXLEN)
     sa = SafeAnchor(SafeAnchorConfig(**{**CFG, **opts}))
     sa.before_domain(ctx)
     rec = _Record(sa.phase_hooks(ctx, "domain"))
     cfg = TrainConfig(lr=LR, epochs=steps, batch_size=len(DOMAIN), max_length=MAXLEN, warmup_ratio=0.0,
                       schedule="constant", grad_clip=1.0)
-    train_examples(model, tok, DOMAIN, cfg, 0, hooks=rec, log=None)
+    train_examples(model, tok, DOMAIN, cfg, 0, hooks=rec)
     return model, rec.grads, sa
 
 

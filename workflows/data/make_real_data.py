@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify-model", help="record this model's answers to keyed candidates first")
     ap.add_argument("--calib-model", help="write smollm2/calib.jsonl with this model's own benign answers")
     args = ap.parse_args(argv)
+    from safeanchor import logs
+
+    logs.setup()  # progress of the model steps (GGUF conversion, own answers) on stdout
     if args.verify_model:
         verify(args.verify_model)
     make_advbench(args.advbench_yaml)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from safeanchor import seeds
+from safeanchor import logs, seeds
 from safeanchor.config import ConfigError, from_dict
 from safeanchor.data import ExampleBatches, collate, encode_dataset
 from safeanchor.evaluation import evaluate
@@ -100,8 +100,7 @@ def run_variant(name: str, run, base_eval: dict, args: argparse.Namespace, out: 
             cb = SafeAnchorCallback(
                 run.ctx.safety_calib, probe=run.ctx.safety_probe, domain_examples=run.domain_train[d],
                 previous=previous, config=sa_cfg, domain=d, max_length=cfg.train.max_length, seed=cfg.seed,
-                judge=run.judge, max_new_tokens=cfg.eval.max_new_tokens, eval_batch_size=cfg.eval.batch_size,
-                log=lambda s: print(s, flush=True))
+                judge=run.judge, max_new_tokens=cfg.eval.max_new_tokens, eval_batch_size=cfg.eval.batch_size)
         train_domain(model, tok, run, t, d, step_dir, args.steps, cb)
         previous = step_dir
         m = evaluate(model, tok, run.suite, run.judge, cfg.eval)
@@ -115,6 +114,7 @@ def run_variant(name: str, run, base_eval: dict, args: argparse.Namespace, out: 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logs.setup()  # the pipeline's and the callback's progress lines on stdout
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in ("callback", "plain")]
     if bad or not variants:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config, overrides, seed=args.seed, method="safeanchor",
                               run_id=f"trainer-callback-seed{args.seed}")
         # the pipeline's loading: toy world (built once, cached), data, judge, model + adapter init
-        run = prepare_run(cfg, log=lambda s: print(s, flush=True), storage=RunDir.open(str(out / "pipeline")))
+        run = prepare_run(cfg, storage=RunDir.open(str(out / "pipeline")))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
