@@ -40,6 +40,11 @@ def test_setup_does_not_reach_the_root_handlers(capsys):
 
 
 def test_other_ranks_print_nothing(capsys, monkeypatch):
+    import torch.distributed as dist
+
+    # outside a process group the launcher's RANK decides (an earlier test in this process may
+    # have left a one-process group initialised, whose rank would be 0)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
     logs.setup()
     monkeypatch.setenv("RANK", "1")
     log.info("rank 1 says")
