@@ -18,8 +18,8 @@ Stages, each resumable (run the same command again after an interruption):
    commit, wall time per stage) copied to workflows/results/<preset>/.
 
 Every stage runs in its own subprocess (its own Ray). protocol.json under --storage keeps the
-budget (a resumed protocol must not change it) and adds up each stage's wall time across
-interruptions. Logic lives in the two workflows it drives; this file only sequences them.
+budget (a resumed protocol must not change it) and adds up each stage's wall time (and each
+method's sweep time) across interruptions. Logic lives in the two workflows it drives; this file only sequences them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,8 +86,12 @@ class State:
             self.data["commits"].append(commit)  # the code of every session that ran a stage
         self.save()
 
-    def add_wall(self, stage: str, seconds: float) -> None:
+    def add_wall(self, stage: str, seconds: float, part: str | None = None) -> None:
+        """Add to a stage's wall time (and to one part of it: a method's sweep)."""
         self.data["wall_s"][stage] = round(self.data["wall_s"].get(stage, 0.0) + seconds, 1)
+        if part is not None:
+            parts = self.data.setdefault("part_wall_s", {}).setdefault(stage, {})
+            parts[part] = round(parts.get(part, 0.0) + seconds, 1)
         self.save()
 
     def save(self) -> None:
@@ -100,7 +105,7 @@ def placement(args: argparse.Namespace) -> list[str]:
     return ["--set", f"cluster.executor={args.executor}"]
 
 
-def stage_sweeps(args, storage: Path, preset: str, methods: list[str]) -> bool:
+def stage_sweeps(args, storage: Path, preset: str, methods: list[str], state: State) -> bool:
     ok = True
     for m in methods:
         sweep_id = f"{m}-{preset}"
@@ -108,21 +113,28 @@ def stage_sweeps(args, storage: Path, preset: str, methods: list[str]) -> bool:
         if (d / "best.yaml").exists():
             print(f"[protocol] sweep {sweep_id}: finished", flush=True)
             continue
-        base = [sys.executable, str(HERE / "sweep.py"), "--storage", str(storage / "sweeps")]
-        if (d / "sweep.json").exists():
-            rc = _run([*base, "--resume", sweep_id])
-        else:
-            b = BUDGET
-            rc = _run([*base, "--method", m, "--config", args.config, "--sweep-id", sweep_id,
-                       "--trials", str(b["trials"]), "--seeds", b["seeds"], "--search", b["search"],
-                       "--search-seed", str(b["search_seed"]), "--scheduler", b["scheduler"],
-                       "--reduction-factor", str(b["reduction_factor"]),
-                       "--retention-target", str(b["retention_target"]), "--penalty", str(b["penalty"]),
-                       "--set", f"threads={args.threads}", *placement(args)])
+        t0 = time.time()
+        try:
+            rc = _sweep(args, storage, m, sweep_id, d)
+        finally:  # an interrupted session's time counts too
+            state.add_wall("sweeps", time.time() - t0, part=m)
         if rc != 0 or not (d / "best.yaml").exists():
             print(f"[protocol] sweep {sweep_id} did not finish (exit {rc}); rerun to resume it", file=sys.stderr)
-            ok = False
+            return False  # the next method waits: one sweep at a time holds the machine
     return ok
+
+
+def _sweep(args, storage: Path, m: str, sweep_id: str, d: Path) -> int:
+    base = [sys.executable, str(HERE / "sweep.py"), "--storage", str(storage / "sweeps")]
+    if (d / "sweep.json").exists():
+        return _run([*base, "--resume", sweep_id])
+    b = BUDGET
+    return _run([*base, "--method", m, "--config", args.config, "--sweep-id", sweep_id,
+                 "--trials", str(b["trials"]), "--seeds", b["seeds"], "--search", b["search"],
+                 "--search-seed", str(b["search_seed"]), "--scheduler", b["scheduler"],
+                 "--reduction-factor", str(b["reduction_factor"]),
+                 "--retention-target", str(b["retention_target"]), "--penalty", str(b["penalty"]),
+                 "--set", f"threads={args.threads}", *placement(args)])
 
 
 def stage_tuned(args, storage: Path, preset: str, methods: list[str]) -> bool:
@@ -205,15 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     preset = Path(args.config).stem
     storage = Path(args.storage).resolve()
     state = State(storage, preset, methods)
+    # a SIGTERM (a session's end, `kill`) unwinds like Ctrl-C, so the time spent is recorded
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
-        t0 = time.time()
-        if stage == "publish":
-            ok = stage_publish(args, storage, preset, methods, state)
+        if stage == "sweeps":  # timed per method inside
+            ok = stage_sweeps(args, storage, preset, methods, state)
         else:
-            ok = {"sweeps": stage_sweeps, "tuned": stage_tuned, "compare": stage_compare}[stage](
-                args, storage, preset, methods)
-        state.add_wall(stage, time.time() - t0)
+            t0 = time.time()
+            try:
+                if stage == "publish":
+                    ok = stage_publish(args, storage, preset, methods, state)
+                else:
+                    ok = {"tuned": stage_tuned, "compare": stage_compare}[stage](args, storage, preset, methods)
+            finally:
+                state.add_wall(stage, time.time() - t0)
         if not ok:
             return 1
     return 0

@@ -60,10 +60,12 @@ def test_stages_refuse_to_run_out_of_order(protocol, tmp_path, capsys):
 
 def test_the_budget_is_fixed_per_storage_and_wall_time_accumulates(protocol, tmp_path, monkeypatch):
     state = protocol.State(tmp_path, "tiny", ["lora"])
-    state.add_wall("sweeps", 10.0)
-    protocol.State(tmp_path, "tiny", ["lora"]).add_wall("sweeps", 5.5)
+    state.add_wall("sweeps", 10.0, part="lora")
+    protocol.State(tmp_path, "tiny", ["lora"]).add_wall("sweeps", 5.5, part="lora")  # a later session
+    protocol.State(tmp_path, "tiny", ["lora"]).add_wall("sweeps", 2.0, part="ewc")
     data = json.loads((tmp_path / "protocol.json").read_text())
-    assert data["wall_s"] == {"sweeps": 15.5} and data["budget"] == protocol.BUDGET and data["commits"]
+    assert data["wall_s"] == {"sweeps": 17.5} and data["budget"] == protocol.BUDGET and data["commits"]
+    assert data["part_wall_s"] == {"sweeps": {"lora": 15.5, "ewc": 2.0}}
     monkeypatch.setitem(protocol.BUDGET, "trials", 99)
     with pytest.raises(SystemExit, match="one protocol, one budget"):
         protocol.State(tmp_path, "tiny", ["lora"])
