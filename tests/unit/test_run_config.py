@@ -11,7 +11,9 @@ from safeanchor.config import ConfigError
 from safeanchor.pipeline.config import RunConfig, load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "workflows" / "configs").glob("*.yaml"))
+# the presets, and the tuned configs the fair protocol wrote (workflows/protocol.py)
+CONFIGS = sorted((ROOT / "workflows" / "configs").glob("*.yaml")) + sorted(
+    (ROOT / "workflows" / "configs" / "tuned").glob("*.yaml"))
 TINY = ROOT / "workflows" / "configs" / "tiny.yaml"
 
 
@@ -24,8 +26,10 @@ def test_presets_exist():
 def test_preset_validates(path):
     first = path.read_text(encoding="utf-8").splitlines()[0]
     # the command that runs it: locally, or submitted to a Ray cluster (the 7B presets)
-    assert first.startswith("# python workflows/") or (
+    assert (first.startswith("# python workflows/") or (
         first.startswith("# ray job submit ") and f" -- python workflows/sequential.py --config workflows/configs/{path.name}" in first
+    )) and (  # a tuned config's command names the file itself
+        path.parent.name != "tuned" or f"--config workflows/configs/tuned/{path.name}" in first
     ), f"{path.name}: first line {first!r}"
     cfg = load_run_config(path)
     assert isinstance(cfg, RunConfig)
