@@ -106,7 +106,6 @@ def placement(args: argparse.Namespace) -> list[str]:
 
 
 def stage_sweeps(args, storage: Path, preset: str, methods: list[str], state: State) -> bool:
-    ok = True
     for m in methods:
         sweep_id = f"{m}-{preset}"
         d = storage / "sweeps" / sweep_id
@@ -121,7 +120,7 @@ def stage_sweeps(args, storage: Path, preset: str, methods: list[str], state: St
         if rc != 0 or not (d / "best.yaml").exists():
             print(f"[protocol] sweep {sweep_id} did not finish (exit {rc}); rerun to resume it", file=sys.stderr)
             return False  # the next method waits: one sweep at a time holds the machine
-    return ok
+    return True
 
 
 def _sweep(args, storage: Path, m: str, sweep_id: str, d: Path) -> int:
