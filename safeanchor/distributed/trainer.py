@@ -7,19 +7,21 @@ the model, then the method's hooks from `engine.module` (`make_hooks`: caches on
 dtype the engine gave the parameters), and runs `safeanchor.train.loop.run_loop`. Rank 0 returns
 a `PhaseResult` (adapter bytes, the hooks' stats, train stats).
 
-executor ray: a `TorchTrainer` named `spec.name` (`<run_id>-<step>`) with `num_workers` workers
-(ScalingConfig from ClusterConfig), gloo on CPU / NCCL on GPU, RunConfig(storage_path, name,
-FailureConfig(max_failures)). The global batch of step s is the single-process batch; each rank
-trains on its 1/W share. Every `checkpoint_every` steps all ranks save the DeepSpeed engine state
-(trainable tensors, their ZeRO optimizer partition, LambdaLR, step, losses, the hooks' counters,
-each rank's RNG state) and report it; ZeRO-1/2 shard the optimizer state, so every rank
-contributes its own files and Ray Train merges them into one checkpoint directory; the workers
-wait until Ray Train has committed it (otherwise a worker that dies a few steps later restarts
-the phase from scratch: measured). A restarted worker group (FailureConfig) resumes from the
-latest one, with the same number of workers; so does a new `fit_phase` of the same spec name
-under the same storage path (a driver restarted after a kill: Ray Train restores the run of
-that name). Errors that a restart would only repeat (ConfigError, DataError, NonFiniteLoss) are
-returned by the workers and re-raised here, without restarts.
+executor ray: Ray Train workers (`make_trainer`: `num_workers` workers, ScalingConfig from
+ClusterConfig, gloo on CPU / NCCL on GPU, RunConfig(storage_path, name, FailureConfig(max_failures)))
+that serve phases (`safeanchor.distributed.workers.TrainWorkers`: one Train run for all the phases of
+a pipeline run; `fit_phase` alone: one Train run named `spec.name` for one phase). The global batch
+of step s is the single-process batch; each rank trains on its 1/W share. Every `checkpoint_every`
+steps all ranks save the DeepSpeed engine state (trainable tensors, their ZeRO optimizer partition,
+LambdaLR, step, losses, the hooks' counters, each rank's RNG state) and report it as the Train
+checkpoint `<phase name>-step_<n>`; ZeRO-1/2 shard the optimizer state, so every rank contributes
+its own files and Ray Train merges them into one checkpoint directory; the workers wait until Ray
+Train has committed it (otherwise a worker that dies a few steps later restarts the phase from
+scratch: measured). A restarted worker group (FailureConfig) resumes the phase from its latest
+checkpoint, with the same number of workers; so does a driver restarted after a kill, whose new
+Train run of the same name under the same storage path starts from that checkpoint (Ray Train
+restores a run by name). Errors that a restart would only repeat (ConfigError, DataError,
+NonFiniteLoss) are returned by the workers and re-raised by the driver, without restarts.
 
 executor local: the same loop in this process on the plain torch engine (world size 1; DeepSpeed
 runs only in Train workers); no checkpoints.
@@ -35,7 +37,7 @@ from typing import Any
 
 import torch
 
-from safeanchor import logs, seeds
+from safeanchor import seeds
 from safeanchor.config import ConfigError
 from safeanchor.data import DataError, ExampleBatches, encode_dataset
 from safeanchor.distributed.config import ClusterConfig, engine_config
@@ -97,51 +99,51 @@ def fit_phase(spec: PhaseSpec, cluster: ClusterConfig, storage_path: str,
               storage_filesystem: Any = None) -> PhaseResult:
     """Train one phase; its `PhaseResult` (stats: the loop's + zero_stage, bf16, timing).
 
-    storage_path: where Ray Train keeps the run's checkpoints (a path every node can reach, or a
-    pyarrow URI such as s3://...). The Train run is named `spec.name`: calling fit_phase again
-    with a spec of the same name after a run failed or its driver was killed resumes it from its
-    last checkpoint. Progress lines go to the "safeanchor" loggers (on Ray, rank 0's are printed
-    by the worker: see `_train_worker`). storage_filesystem: a pyarrow.fs.FileSystem that
+    executor ray: a Train run of its own named `spec.name` (`TrainWorkers` for one phase; a
+    pipeline run keeps one `TrainWorkers` for all its phases). storage_path: where Ray Train keeps
+    the run's checkpoints (a path every node can reach, or a pyarrow URI such as s3://...);
+    calling fit_phase again with a spec of the same name after a run failed or its driver was
+    killed resumes it from its last checkpoint. storage_filesystem: a pyarrow.fs.FileSystem that
     storage_path is a path in (Ray Train's RunConfig(storage_filesystem=...)); None for local
-    paths and URIs.
+    paths and URIs. Progress lines go to the "safeanchor" loggers (rank 0's, printed by the worker).
     """
     if cluster.executor == "local":
         return run_phase(spec, cluster)
+    from safeanchor.distributed.workers import TrainWorkers
 
+    with TrainWorkers(spec.name, cluster, storage_path, storage_filesystem) as workers:
+        return workers.fit(spec)
+
+
+def make_trainer(fn: Any, config: dict[str, Any], name: str, cluster: ClusterConfig, use_gpu: bool,
+                 storage_path: str, storage_filesystem: Any = None) -> Any:
+    """The TorchTrainer of a Train run named `name`: `cluster.num_workers` workers (ScalingConfig
+    from ClusterConfig), gloo on CPU / NCCL on GPU, FailureConfig(max_failures), checkpoints kept."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ensure_ray(cluster)
-    use_gpu = resolve_use_gpu(cluster)
     resources = {"CPU": cluster.cpus_per_worker, **cluster.resources_per_worker}
     if use_gpu:
         resources["GPU"] = cluster.gpus_per_worker
-    ds = cluster.deepspeed.resolved() if cluster.deepspeed.enabled else None
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"spec": spec, "cluster": cluster, "use_gpu": use_gpu, "ds": ds},
+    return TorchTrainer(
+        fn,
+        train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cluster.placement_strategy),
         run_config=RunConfig(
-            name=spec.name, storage_filesystem=storage_filesystem,
+            name=name, storage_filesystem=storage_filesystem,
             storage_path=storage_path if "://" in str(storage_path) or storage_filesystem is not None
             else os.path.abspath(storage_path),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cluster.checkpoints_to_keep),
             # Ray Train's own INFO lines (resources requested, worker group started, process group
             # set up) stay in its log files; the console keeps warnings and rank 0's progress,
-            # which goes through the "safeanchor" loggers (_train_worker), not `ray.train`.
+            # which goes through the "safeanchor" loggers (workers._serve_worker), not `ray.train`.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    out = trainer.fit().return_value
-    if not isinstance(out, dict):
-        raise RuntimeError(f"Train run {spec.name!r} returned no result from rank 0: {out!r}")
-    if "error" in out:
-        raise out["error"]
-    return out["result"]
 
 
 def run_phase(spec: PhaseSpec, cluster: ClusterConfig | None = None) -> PhaseResult:
@@ -169,28 +171,11 @@ def _batcher(built: Built) -> ExampleBatches:
 # ------------------------------------------------------------------------------------------
 
 
-def _train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train's train_loop_per_worker (importable from the package, as Ray workers need)."""
-    import ray.train
-
-    # Progress lines: rank 0 prints them on its stdout, which Ray forwards to the driver's console
-    # once. (Not print(): Ray Train patches it in workers to tee into its root logger, which shows
-    # every line twice; setup() also stops our records from reaching that root logger.)
-    logs.setup()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cluster: ClusterConfig = config["cluster"]
-    torch.set_num_threads(cluster.torch_threads(_node_cores(), ctx.get_local_world_size()))
-    try:
-        out = _train_rank(config["spec"], cluster, config["use_gpu"], config["ds"], rank, world, time.time())
-    except NON_RETRYABLE as e:
-        return {"error": e}
-    return out if rank == 0 else None
-
-
 def _train_rank(spec: PhaseSpec, cluster: ClusterConfig, use_gpu: bool, ds: dict | None, rank: int,
-                world: int, t_start: float) -> dict[str, Any]:
-    import ray.train
+                world: int, t_start: float, ckpt: Any = None) -> dict[str, Any]:
+    """One phase on this rank (inside a Train worker: `workers._serve_worker`); rank 0's
+    {"result": PhaseResult}. ckpt: the Train run's latest checkpoint when the worker group started;
+    it resumes this phase only if it is one of this phase's (`_ckpt_name`)."""
 
     built = build(spec)
     t_built = time.time()
@@ -215,15 +200,14 @@ def _train_rank(spec: PhaseSpec, cluster: ClusterConfig, use_gpu: bool, ds: dict
     # state travels in checkpoints, so a restarted phase draws what the interrupted one would have.
     torch.manual_seed(seeds.rank_stream(spec.seed, rank))
     start, losses = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is not None and _phase_of(ckpt) == spec.name:
         start, losses = _load(engine, ckpt, hooks, rank)
         if rank == 0:
             logger.info(f"  [{spec.tag}] resumed from the checkpoint of step {start}/{steps}")
 
     def on_step(done: int, losses: list[float]) -> None:
         if cluster.checkpoint_every and done % cluster.checkpoint_every == 0 and done < steps:
-            _save(engine, hooks, done, losses, rank)
+            _save(engine, hooks, spec.name, done, losses, rank)
 
     stats = run_loop(engine, batches_from(batcher.epoch, len(batcher), start), steps, cfg, hooks,
                      rank=rank, world=world, start_step=start, losses=losses, on_step=on_step,
@@ -246,7 +230,19 @@ def _node_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _save(engine: Any, hooks: Any, step: int, losses: list[float], rank: int) -> None:
+def _ckpt_name(phase: str, step: int) -> str:
+    """A phase's Train checkpoint directory: the phase's name and the step it was saved at."""
+    return f"{phase}-step_{step:08d}"
+
+
+def _phase_of(ckpt: Any) -> str | None:
+    """The phase a Train checkpoint belongs to (None: not one of `_ckpt_name`'s)."""
+    base = os.path.basename(str(ckpt.path).rstrip("/"))
+    phase, sep, step = base.rpartition("-step_")
+    return phase if sep and step.isdigit() else None
+
+
+def _save(engine: Any, hooks: Any, phase: str, step: int, losses: list[float], rank: int) -> None:
     """Every rank: its part of the engine state; Ray Train merges the parts into one checkpoint."""
     import ray.train
 
@@ -257,7 +253,7 @@ def _save(engine: Any, hooks: Any, step: int, losses: list[float], rank: int) ->
         torch.save(rng, f"{d}/rng_rank{rank}.pt")
         engine.save_checkpoint(d, client)
         ray.train.report({"step": step, "loss": losses[-1]}, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"step_{step:08d}")
+                         checkpoint_dir_name=_ckpt_name(phase, step))
     # Reports are registered by the controller asynchronously: without this wait, a worker that
     # dies soon after (measured: 2 steps later) restarts the phase from scratch, not from here.
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)

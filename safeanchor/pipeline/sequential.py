@@ -273,7 +273,11 @@ def run_pipeline(cfg: RunConfig, resume: bool = False, storage: RunDir | None = 
                       key=run.run_dir.uri(), resume=resume)
         if tracker.run_id:
             logger.info(f"[mlflow] run {tracker.run_id} at {tracker.tracking_uri}")
-        summary = Runner(cfg, run, tracker, on_domain).run()
+        runner = Runner(cfg, run, tracker, on_domain)
+        try:
+            summary = runner.run()
+        finally:
+            runner.close()
         summary["wall_s"] = time.perf_counter() - t_start
         summary["mlflow_tracking_uri"] = tracker.tracking_uri
         summary["mlflow_run_id"] = tracker.run_id
@@ -316,7 +320,19 @@ class Runner:
         self.ctx.train = self.train_phase
         self.ctx.fisher_subspaces = self.fisher_subspaces
         self.ray = cfg.cluster.executor == "ray"
-        self.current: str | None = None  # the step being executed (names its Train runs)
+        self.current: str | None = None  # the step being executed (names its phase)
+        self.workers = None  # the run's Train workers (executor ray), started by the first phase
+        if self.ray:
+            from safeanchor.distributed.workers import TrainWorkers
+
+            self.workers = TrainWorkers(safe_name(f"{cfg.resolved_run_id()}-train"), cfg.cluster,
+                                        storage_path=run.run_dir.uri("ray"),
+                                        storage_filesystem=run.run_dir.ray_filesystem())
+
+    def close(self) -> None:
+        """End the run's Train workers (if they were started)."""
+        if self.workers is not None:
+            self.workers.close()
 
     # ---- the step primitive --------------------------------------------------------------
     def step(self, name: str, fn, checkpoint: bool) -> dict[str, Any]:
@@ -352,19 +368,17 @@ class Runner:
         """Train one phase in-process (executor local) or on Ray Train workers (executor ray)."""
         if not self.ray or phase.hooks in self.method.in_process_phases:
             return train_in_process(self.method, self.ctx, phase, train=train_examples)
-        from safeanchor.distributed.trainer import fit_phase
-
         cfg, ctx = self.cfg, self.ctx
         spec = PhaseSpec(
-            # deterministic: a driver restarted after a kill resumes this Train run by name
+            # deterministic: a driver restarted after a kill resumes this phase from its Train
+            # checkpoints, which are named after it
             name=safe_name(f"{cfg.resolved_run_id()}-{self.current}"),
             model=self.run_.model_spec, adapter=adapter_bytes(self.model),
             method=cfg.method, options=cfg.methods.get(cfg.method), state=pack_state(self.method.state_dict()),
             hooks=phase.hooks, examples=list(phase.examples), train=phase.cfg, seed=phase.seed, tag=phase.tag,
             context=PhaseContext(safety_calib=list(ctx.safety_calib), seed=ctx.seed, max_length=ctx.max_length,
                                  domain=ctx.domain, step=ctx.step))
-        out = fit_phase(spec, cfg.cluster, storage_path=self.run_.run_dir.uri("ray"),
-                        storage_filesystem=self.run_.run_dir.ray_filesystem())
+        out = self.workers.fit(spec)
         load_adapter_bytes(self.model, out.adapter)
         self.method.end_phase(self.ctx, phase.hooks, out.hook_stats)
         return out.stats
@@ -377,6 +391,10 @@ class Runner:
 
         job = SSIJob(self.run_.model_spec, adapter_bytes(self.model), list(examples), max_length, chunk,
                      DEFAULT_GROUP_MB if group_mb is None else group_mb)
+        if self.workers is not None and self.workers.alive and not self.workers.room_for_task():
+            logger.info("  [ssi] no room for an SSI task beside the run's Train workers: ending them "
+                        "(the next phase starts them again)")
+            self.workers.close()
         return identify_subspaces(job, self.cfg.cluster, rho, k_max, k_fixed, model=self.model, tokenizer=self.tok)
 
     def eval_step(self, t: int, label: str) -> dict[str, float]:
@@ -444,6 +462,8 @@ class Runner:
         summary["steps"] = steps_info
         summary["method_state"] = method.summary()
         summary["executions"] = self.store.executions()
+        # Ray Train runs this driver started: 1 when one set of workers trained every phase
+        summary["train_runs"] = self.workers.launches if self.workers is not None else 0
         return summary
 
     def _gate(self, r: int) -> dict[str, Any]:

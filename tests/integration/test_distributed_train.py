@@ -48,6 +48,8 @@ from safeanchor.config import ConfigError, from_dict
 from safeanchor.data import ExampleBatches, encode_dataset
 from safeanchor.distributed import ClusterConfig, DeepSpeedConfig, fit_phase, run_phase
 from safeanchor.distributed.engine import check_divisible
+from safeanchor.distributed.trainer import _ckpt_name, _phase_of
+from safeanchor.distributed.workers import TrainWorkers
 from safeanchor.methods.safegrad import COUNTERS
 from safeanchor.pipeline.store import pack_state
 from safeanchor.train.loop import shard
@@ -114,11 +116,20 @@ def max_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
-def fit(tmp_path: Path, spec, stage: int = 2, bf16: bool = False, **cluster) -> PhaseResult:
-    cl = ClusterConfig(num_workers=2, deepspeed=DeepSpeedConfig(zero_stage=stage, bf16=bf16),
-                       **{"max_failures": 0, **cluster})
+def cluster_config(stage: int = 2, bf16: bool = False, **cluster) -> ClusterConfig:
+    return ClusterConfig(num_workers=2, deepspeed=DeepSpeedConfig(zero_stage=stage, bf16=bf16),
+                         **{"max_failures": 0, **cluster})
+
+
+def fit(tmp_path: Path, spec, stage: int = 2, bf16: bool = False, workers: TrainWorkers | None = None,
+        **cluster) -> PhaseResult:
+    """The phase on 2 Train workers: a Train run of its own (`fit_phase`), or the next phase of
+    `workers` (a Train run that serves several)."""
     t0 = time.perf_counter()
-    out = fit_phase(spec, cl, storage_path=str(tmp_path / "ray"))
+    if workers is None:
+        out = fit_phase(spec, cluster_config(stage, bf16, **cluster), storage_path=str(tmp_path / "ray"))
+    else:
+        out = workers.fit(spec)
     TIMES[spec.name] = time.perf_counter() - t0
     assert out.stats["world_size"] == 2 and out.stats["zero_stage"] == stage and out.stats["bf16"] == bf16
     return out
@@ -229,6 +240,19 @@ def test_deepspeed_presets_load(tmp_path):
         DeepSpeedConfig(config_file=str(bad))
 
 
+def test_checkpoint_names_say_their_phase():
+    """A Train run serves several phases: a checkpoint resumes only the phase it is named after."""
+
+    class Ckpt:
+        path = f"/runs/r/ray/r-train/{_ckpt_name('r-01-medical-04-replay1', 8)}"
+
+    assert _phase_of(Ckpt) == "r-01-medical-04-replay1"
+    Ckpt.path = f"s3://bucket/r-train/{_ckpt_name('r-01-medical-04-replay12', 16)}/"
+    assert _phase_of(Ckpt) == "r-01-medical-04-replay12"
+    Ckpt.path = "/runs/r/ray/r-train/checkpoint_2026-11-29_22-00-00"  # not one of ours
+    assert _phase_of(Ckpt) is None
+
+
 # ------------------------------------------------------------------- Ray Train + DeepSpeed
 
 
@@ -242,7 +266,9 @@ def test_safeanchor_zero2_is_exact(ray_cluster, tmp_path, sa):
     # the hooks' counters (rank 0's): one anchor batch a step
     assert out.hook_stats == reference(spec).hook_stats == {"steps": spec.train.max_steps,
                                                             "anchor_batches": spec.train.max_steps}
-    assert list((tmp_path / "ray").glob("*/step_00000002")) and list((tmp_path / "ray").glob("*/step_00000004"))
+    # the Train run is named after the phase, and so are its checkpoints
+    assert sorted(p.name for p in (tmp_path / "ray" / spec.name).glob("*-step_*")) == [
+        _ckpt_name(spec.name, 2), _ckpt_name(spec.name, 4)]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -259,9 +285,18 @@ def test_safegrad_under_zero_matches_single_process(ray_cluster, tmp_path, world
 
 def test_bf16_zero2_real_safeanchor_and_safegrad(ray_cluster, tmp_path, world, sa):
     """bf16 + ZeRO-2 + 2 workers with the real hooks: SafeAnchor's domain phase (projection,
-    anchor), then the replay phase its gate asks for, and SafeGrad's phase."""
+    anchor), then the replay phase its gate asks for, and SafeGrad's phase, all three served by
+    the SAME Train workers (one Train run, as a pipeline run uses them): each phase builds its
+    model, engine and hooks afresh, so nothing of one phase leaks into the next."""
     spec, driver = sa
-    out = fit(tmp_path, spec, bf16=True)
+    workers = TrainWorkers("bf16-phases", cluster_config(bf16=True), str(tmp_path / "ray"))
+    with workers:
+        _bf16_phases(tmp_path, world, spec, driver, workers)
+    assert workers.launches == 1 and not workers.alive
+
+
+def _bf16_phases(tmp_path, world, spec, driver, workers) -> None:
+    out = fit(tmp_path, spec, bf16=True, workers=workers)
     assert_bf16_close(out, reference(spec), spec.adapter, "domain")
     assert out.hook_stats["anchor_batches"] == spec.train.max_steps
 
@@ -273,12 +308,12 @@ def test_bf16_zero2_real_safeanchor_and_safegrad(ray_cluster, tmp_path, world, s
     ph = gate.phase
     replay = replace(spec, name="sa-replay", adapter=out.adapter, state=pack_state(driver.method.state_dict()),
                      hooks=ph.hooks, examples=ph.examples, train=ph.cfg, seed=ph.seed, tag=ph.tag)
-    rout = fit(tmp_path, replay, bf16=True)
+    rout = fit(tmp_path, replay, bf16=True, workers=workers)
     assert_bf16_close(rout, reference(replay), replay.adapter, "replay")
     assert rout.hook_stats["steps"] == ph.cfg.max_steps == SA["replay_steps"]  # one safety batch a step
 
     sg = safegrad_spec(world, "sg-bf16", SG)
-    gout = fit(tmp_path, sg, bf16=True)
+    gout = fit(tmp_path, sg, bf16=True, workers=workers)
     assert_bf16_close(gout, reference(sg), sg.adapter, "safegrad")
     counters = gout.hook_stats
     assert counters["steps"] == sg.train.max_steps and counters["conflicts"] >= 1
@@ -308,7 +343,7 @@ def test_worker_killed_mid_phase_resumes_from_checkpoint(ray_cluster, tmp_path, 
     spec, _ = sa
     spec = replace(spec, name="sa-killed", train=train_config(24))
     done: dict = {}
-    watcher = threading.Thread(target=_kill_a_worker_after, args=("*/step_00000008", tmp_path / "ray", ray_cluster.get_runtime_context().gcs_address, done))
+    watcher = threading.Thread(target=_kill_a_worker_after, args=("*/*-step_00000008", tmp_path / "ray", ray_cluster.get_runtime_context().gcs_address, done))
     watcher.start()
     out = fit(tmp_path, spec, checkpoint_every=4, max_failures=1)
     watcher.join()

@@ -34,3 +34,6 @@ def test_method_runs_two_steps_on_ray(method, ray_instance, cache, tmp_path):
     train = s["steps"][0]["train"]
     assert train["steps"] == 2 and train["world_size"] == 2  # trained by 2 Ray Train workers
     assert (run / "ray").is_dir()  # Ray Train's storage for the phase runs
+    # every Ray phase of the run (SafeAnchor: also the replay its gate may ask for) on ONE set
+    # of Train workers, started once
+    assert s["train_runs"] == 1

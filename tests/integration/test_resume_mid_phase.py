@@ -1,7 +1,8 @@
 """Resume by name: the driver is SIGKILLed in the middle of a domain's training on Ray Train (2
-workers, a Train checkpoint every 4 steps); `--resume` trains that phase again under the same
-Train run name (`<run_id>-<step>`), so Ray Train restores it from its last checkpoint: no step
-before that checkpoint is computed again, and the result equals an uninterrupted run."""
+workers, a Train checkpoint every 4 steps); `--resume` starts the run's Train workers again under the
+same Train run name (`<run_id>-train`), Ray Train restores that run's latest checkpoint, and the
+workers resume the phase it is named after (`<run_id>-<step>-step_<n>`): no step before that
+checkpoint is computed again, and the result equals an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_driver_killed_mid_phase_resumes_from_the_train_checkpoint(cluster, tmp_
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # workers go on past a checkpoint only once Ray Train committed it: the second one's
     # directory appearing says that the first one is committed
-    first = run / "ray" / name / f"step_{2 * EVERY:08d}"
+    first = run / "ray" / "killed-train" / f"{name}-step_{2 * EVERY:08d}"
     deadline = time.time() + 600
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
