@@ -218,13 +218,20 @@ class TrainMemory:
         return self.weights + self.lora + self.gradients + self.optimizer + self.activations + self.logit_grads
 
 
+def _deepspeed_on(cfg: Any) -> bool:
+    """`DeepSpeedConfig.on` for the plan: use_gpu auto counts as a GPU (the plan is for one)."""
+    cl = cfg.cluster
+    return cl.deepspeed.on(cl.num_workers if cl.executor == "ray" else 1, cl.use_gpu is not False)
+
+
 def train_memory(arch: Arch, cfg: Any, e: int) -> TrainMemory:
     """Per-GPU memory of one Train worker of `cfg` (a RunConfig) for architecture `arch`."""
     cl = cfg.cluster
     world = cl.num_workers if cl.executor == "ray" else 1
     ds = cl.deepspeed
-    stage = ds.stage() if ds.enabled else 0
-    zero = ds.resolved()["zero_optimization"] if ds.enabled else {}
+    on = _deepspeed_on(cfg)
+    stage = ds.stage() if on else 0
+    zero = ds.resolved()["zero_optimization"] if on else {}
     off_p = str((zero.get("offload_param") or {}).get("device", "none")) in ("cpu", "nvme")
     off_o = str((zero.get("offload_optimizer") or {}).get("device", "none")) in ("cpu", "nvme")
     p_base = arch.base_params()
@@ -250,7 +257,7 @@ def training_precision(cfg: Any) -> tuple[int, str]:
     """(bytes per element, description) of what the Train workers' module runs in."""
     cl, ds = cfg.cluster, cfg.cluster.deepspeed
     model_e = _DTYPE_BYTES[cfg.model.dtype]
-    if not ds.enabled:
+    if not _deepspeed_on(cfg):
         return model_e, f"{cfg.model.dtype} (model.dtype; no DeepSpeed engine)"
     if ds.bf16 is True:
         return 2, "bf16 (cluster.deepspeed.bf16: true): DeepSpeed casts the module to bf16, fp32 master weights"
@@ -453,7 +460,7 @@ def build_plan(cfg: Any) -> tuple[list[str], list[str]]:
     check_divisible(t.batch_size, cl.num_workers if cl.executor == "ray" else 1)
     ds = cl.deepspeed
     e, precision = training_precision(cfg)
-    if ds.enabled:
+    if _deepspeed_on(cfg):
         zero = ds.resolved()["zero_optimization"]
         offl = [f"{k} -> {zero[k].get('device')}" for k in ("offload_param", "offload_optimizer")
                 if isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"]

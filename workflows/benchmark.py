@@ -275,9 +275,10 @@ def shape_main(argv: list[str]) -> int:
 
 def score_diffs(a: dict, b: dict) -> dict[str, float]:
     """|a - b| for every numeric metric the two summaries share (per-step lists and per-domain
-    tables flattened as key[i] / key.domain[i]); wall times and ids are not scores."""
+    tables flattened as key[i] / key.domain[i]); wall times, ids and how the work was placed
+    (`train_runs`: 0 in-process) are not scores."""
     skip = {"wall_s", "seed", "mlflow_run_id", "mlflow_tracking_uri", "executions", "steps", "method_state",
-            "warnings"}
+            "warnings", "train_runs"}
 
     def flat(d: dict, prefix: str = "") -> dict[str, float]:
         out: dict[str, float] = {}

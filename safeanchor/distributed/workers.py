@@ -110,7 +110,8 @@ class TrainWorkers:
         # "DEFAULT": outside any enclosing placement group (a Tune trial's), on the driver's node
         self.box = ray.remote(Mailbox).options(num_cpus=0, scheduling_strategy="DEFAULT").remote()
         use_gpu = resolve_use_gpu(self.cluster)
-        ds = self.cluster.deepspeed.resolved() if self.cluster.deepspeed.enabled else None  # files read here
+        ds_cfg = self.cluster.deepspeed
+        ds = ds_cfg.resolved() if ds_cfg.on(self.cluster.num_workers, use_gpu) else None  # files read here
         trainer = make_trainer(_serve_worker, {"box": self.box, "cluster": self.cluster, "use_gpu": use_gpu, "ds": ds},
                                self.name, self.cluster, use_gpu, self.storage_path, self.storage_filesystem)
         self.outcome = {}

@@ -50,11 +50,11 @@ def test_benchmark_bad_config_is_a_clear_error(tmp_path, capsys):
 
 def test_executor_score_diffs_compare_every_metric():
     a = {"safety": [0.9, 0.5], "retention": 0.55, "domain": {"medical": [0.1, float("nan")]},
-         "wall_s": 10.0, "method": "lora", "only_here": 1.0}
+         "wall_s": 10.0, "method": "lora", "only_here": 1.0, "train_runs": 0}
     b = {"safety": [0.9, 0.25], "retention": 0.55, "domain": {"medical": [0.1, float("nan")]},
-         "wall_s": 99.0, "method": "lora"}
+         "wall_s": 99.0, "method": "lora", "train_runs": 1}
     d = benchmark.score_diffs(a, b)
     assert d["safety[1]"] == 0.25 and d["safety[0]"] == 0.0 and d["retention"] == 0.0
     assert d["domain.medical[1]"] == 0.0  # NaN on both sides is the same score
     assert d["only_here"] == float("inf")  # a metric one executor lacks is a difference
-    assert "wall_s" not in d
+    assert "wall_s" not in d and "train_runs" not in d  # timing and placement are not scores

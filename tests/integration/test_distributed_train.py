@@ -207,6 +207,20 @@ def test_caches_built_on_the_parameters_device_and_dtype(sa, world, device):
     assert all(t.device == p.device for batch in surgery.batches for t in batch.values())
 
 
+def test_deepspeed_auto_runs_it_only_where_it_has_work(tmp_path):
+    """auto: a lone CPU worker trains in the torch loop; several workers, a GPU or any DeepSpeed
+    setting bring the engine; true / false are obeyed."""
+    auto = DeepSpeedConfig()
+    assert auto.enabled == "auto" and not auto.on(1, use_gpu=False)
+    assert auto.on(2, use_gpu=False) and auto.on(1, use_gpu=True)
+    f = tmp_path / "zero1.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    for ds in (DeepSpeedConfig(zero_stage=0), DeepSpeedConfig(bf16=True), DeepSpeedConfig(config_file=str(f)),
+               DeepSpeedConfig(enabled=True)):
+        assert ds.on(1, use_gpu=False), ds
+    assert not DeepSpeedConfig(enabled=False).on(1, use_gpu=True)
+
+
 def test_cluster_config_errors_name_the_key():
     from safeanchor.pipeline.config import RunConfig
 
@@ -215,6 +229,8 @@ def test_cluster_config_errors_name_the_key():
            ({"num_workers": 0}, "cluster.num_workers"),
            ({"executor": "local", "num_workers": 2}, "cluster.num_workers"),
            ({"deepspeed": {"bf16": "maybe"}}, "cluster.deepspeed.bf16"),
+           ({"deepspeed": {"enabled": "yes"}}, "cluster.deepspeed.enabled"),
+           ({"num_workers": 2, "deepspeed": {"enabled": False}}, "cluster.deepspeed.enabled"),
            ({"resources_per_worker": {"GPU": 1}}, "cluster.resources_per_worker"),
            ({"deepspeed": {"config_file": "/nonexistent/zero2.json"}}, "cluster.deepspeed.config_file")]
     for data, key in bad:
