@@ -1,10 +1,11 @@
 """The Tune function trainable: one trial runs the whole sequential pipeline on every tuning
 seed, one seed after another, and reports after every domain.
 
-Training phases run in-process (`cluster.executor: local`) or as Ray Train runs started from
-inside the trial (`cluster.executor: ray`: the pipeline's `fit_phase` builds and fits a
-TorchTrainer per phase, whose run name carries the trial's run id) — the pattern Ray >= 2.51
-recommends for Train inside Tune, where the trial function itself drives Train.
+Training phases run in-process (`cluster.executor: local`) or on Ray Train workers started from
+inside the trial (`cluster.executor: ray`: each pipeline run starts one Train run,
+`safeanchor.distributed.workers.TrainWorkers`, whose name carries the trial's run id, and feeds
+it the run's phases) — the pattern Ray >= 2.51 recommends for Train inside Tune, where the trial
+function itself drives Train.
 
 Report i (Tune's training_iteration i) is domain t of seed j, in seed-major order, so every
 trial reports the same (seed, domain) at the same iteration and ASHA compares like with like;
