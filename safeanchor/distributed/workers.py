@@ -167,6 +167,8 @@ class TrainWorkers:
                 break
             if not self.thread.is_alive():  # the Train run ended without answering: its error
                 self.thread = None
+                ray.kill(self.box)  # nothing will read it; the next fit starts afresh
+                self.box = None
                 err = self.outcome.get("error")
                 if err is not None:
                     raise err
