@@ -454,8 +454,12 @@ def build_plan(cfg: Any) -> tuple[list[str], list[str]]:
                       f", {cl.gpus_per_worker:g} GPU where GPUs are used" if cl.use_gpu == "auto" else "")
                    + f"), placement {cl.placement_strategy}; backend "
                    + ("NCCL" if cl.use_gpu is True else "gloo" if cl.use_gpu is False else "NCCL on GPU / gloo on CPU"))
-        out.append(f"SSI: {cl.ssi_workers} Ray tasks over the calibration set (each loads the model), "
-                   f"{cl.ssi_blocks} merge tasks")
+        if cl.ssi_workers is None:
+            out.append(f"SSI: on the Train workers, one shard of the calibration set each, {cl.ssi_blocks} blocks merged "
+                       f"by rank b mod {cl.num_workers}")
+        else:
+            out.append(f"SSI: {cl.ssi_workers} Ray tasks over the calibration set (each loads the model), "
+                       f"{cl.ssi_blocks} merge tasks")
         out.append(f"fault tolerance: max_failures {cl.max_failures}, checkpoint every {cl.checkpoint_every} steps")
     check_divisible(t.batch_size, cl.num_workers if cl.executor == "ray" else 1)
     ds = cl.deepspeed

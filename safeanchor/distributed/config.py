@@ -135,8 +135,8 @@ class ClusterConfig:
     max_failures: int = field(default=2, metadata={"doc": "worker-group restarts over a run's Train workers (Ray Train FailureConfig; -1 = unlimited); a restarted group resumes the phase from its last checkpoint"})
     checkpoint_every: int = field(default=0, metadata={"doc": "optimizer steps between Train checkpoints a restarted phase resumes from (0 = none)"})
     checkpoints_to_keep: int = field(default=2, metadata={"doc": "Train checkpoints kept (the latest ones, over the phases of a run)"})
-    ssi_workers: int = field(default=2, metadata={"doc": "SSI: shards of the calibration set (one Ray task each computes per-example gradients)"})
-    ssi_blocks: int = field(default=2, metadata={"doc": "SSI: blocks of LoRA tensors merged in parallel (one Ray task each)"})
+    ssi_workers: int | None = field(default=None, metadata={"doc": "SSI: null = on the run's Train workers (one shard of the calibration set per worker, no new processes); N = N Ray tasks, one shard each (each loads the model)"})
+    ssi_blocks: int = field(default=2, metadata={"doc": "SSI: blocks of LoRA tensors merged in parallel (on the Train workers: block b by rank b mod num_workers; with ssi_workers: one Ray task each); more blocks, less memory per merge"})
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, metadata={"doc": "the DeepSpeed engine of each Train worker"})
 
     def __post_init__(self) -> None:
@@ -155,7 +155,7 @@ class ClusterConfig:
         check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         check(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
-        check(self.ssi_workers >= 1, "ssi_workers", "must be >= 1")
+        check(self.ssi_workers is None or self.ssi_workers >= 1, "ssi_workers", "must be null or >= 1")
         check(self.ssi_blocks >= 1, "ssi_blocks", "must be >= 1")
         check(self.executor == "ray" or self.num_workers == 1, "num_workers",
               "the local executor runs one worker; use executor: ray for data parallelism")

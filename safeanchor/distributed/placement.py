@@ -28,7 +28,7 @@ def run_cpus(cfg) -> tuple[float, float]:
     own = float(cfg.threads or 1)
     if c.executor == "local":
         return own, own
-    return 1.0, 1.0 + c.cpus_per_worker * max(c.num_workers, c.ssi_workers)
+    return 1.0, 1.0 + c.cpus_per_worker * max(c.num_workers, c.ssi_workers or 0)
 
 
 def run_resources(cfg, cluster_gpus: float) -> dict[str, float]:

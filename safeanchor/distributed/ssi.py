@@ -19,8 +19,20 @@ groups under `SSIJob.group_mb`, one pass over the shard's examples per group; it
 yields each block's factors as soon as the block is done (Ray stores each yielded return value at
 once and the task frees it), so a shard holds one block's factors + one group's rows at a time.
 
-Every shard task loads the model from the job's data (`ModelSpec` + the adapter's bytes: the
-peft model at θ_{t-1}), as a training worker does (`safeanchor.train.phase`).
+Where it runs (`identify_subspaces`, the one dispatch):
+
+- executor local: in this process, streaming (`safeanchor.ssi.safety_subspaces`).
+- executor ray, `cluster.ssi_workers: null` (the default): on the run's Ray Train workers
+  (`safeanchor.distributed.workers.TrainWorkers`), warm processes that already hold the devices:
+  rank r computes the factors of shard r (one shard per worker), and block b is merged by rank
+  b mod W from every shard's factors (handed over through Ray's object store and the workers'
+  mailbox, `ssi_rank`), so no process ever holds the rows of every tensor; one worker alone
+  computes the whole set as executor local does.
+- executor ray, `cluster.ssi_workers: N`: N shard tasks and `cluster.ssi_blocks` merge tasks
+  (more SSI parallelism than training has workers; each task loads the model).
+
+Every shard loads the model from the job's data (`ModelSpec` + the adapter's bytes: the peft
+model at θ_{t-1}), as a training worker does (`safeanchor.train.phase`).
 """
 
 from __future__ import annotations
@@ -53,6 +65,18 @@ class SSIJob:
     max_length: int = 96  # tokens per example (prompt + response), truncated on the right
     chunk: int = 16  # examples per vmap chunk of the per-example gradients
     group_mb: float = DEFAULT_GROUP_MB  # MiB of gradient rows per group of tensors (one pass each)
+
+
+@dataclass
+class SSIWork:
+    """SSI as a job for the run's Train workers (`TrainWorkers.ssi`): the job and the rank rule."""
+
+    job: SSIJob
+    rho: float | None
+    k_max: int
+    k_fixed: int | None = None
+    eps: float = 0.0
+    blocks: int = 1  # blocks of LoRA tensors, merged by rank b mod W
 
 
 def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
@@ -121,13 +145,17 @@ def merge_block(parts: list[dict[str, Any]], rho: float | None, k_max: int, k_fi
 
 def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k_max: int,
                        k_fixed: int | None = None, eps: float = 0.0, model: Any = None,
-                       tokenizer: Any = None) -> dict[str, Subspace]:
+                       tokenizer: Any = None, workers: Any = None) -> dict[str, Subspace]:
     """name -> Subspace for every LoRA tensor, in the model's parameter order. The one place
-    that chooses where SSI runs:
+    that chooses where SSI runs (module docstring):
 
-    executor ray: `cluster.ssi_workers` shard tasks, then `cluster.ssi_blocks` merge tasks;
-    executor local: `safety_subspaces` (`fisher_subspace` on the whole gradient matrix) in this
-    process, on `model` / `tokenizer` when given (the live model at θ_{t-1}), else loaded from the job.
+    executor local: `safety_subspaces` in this process, on `model` / `tokenizer` when given (the
+    live model at θ_{t-1}), else loaded from the job;
+    executor ray, `cluster.ssi_workers` null: on `workers` (the run's `TrainWorkers`; when None, a
+    Train run started for this call alone, its run state under a temporary directory of this node);
+    executor ray, `cluster.ssi_workers` N: N shard tasks, then `cluster.ssi_blocks` merge tasks
+    (when `workers` hold the cluster so that no task fits beside them, they are ended first and
+    the next phase starts them again).
     """
     if not job.examples:
         raise ConfigError("data.safety_calib", "SSI needs at least one calibration example")
@@ -136,7 +164,27 @@ def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k
             model, tokenizer = load_peft_model(job.model, job.adapter)
         return safety_subspaces(model, tokenizer, job.examples, job.max_length, rho, k_max, k_fixed,
                                 chunk=job.chunk, eps=eps, group_mb=job.group_mb)
+    if cluster.ssi_workers is None:
+        work = SSIWork(job, rho, k_max, k_fixed, eps, cluster.ssi_blocks)
+        if workers is not None:
+            return workers.ssi(work)
+        import tempfile
+        import uuid
 
+        from safeanchor.distributed.workers import TrainWorkers
+
+        with tempfile.TemporaryDirectory(prefix="safeanchor-ssi-") as tmp, \
+                TrainWorkers(f"ssi-{uuid.uuid4().hex[:8]}", cluster, tmp) as one_off:
+            return one_off.ssi(work)
+    if workers is not None and workers.alive and not workers.room_for_task():
+        logger.info("  [ssi] no room for an SSI task beside the run's Train workers: ending them "
+                    "(the next phase starts them again)")
+        workers.close()
+    return _ssi_tasks(job, cluster, rho, k_max, k_fixed, eps)
+
+
+def _ssi_tasks(job: SSIJob, cluster: ClusterConfig, rho: float | None, k_max: int, k_fixed: int | None,
+               eps: float) -> dict[str, Subspace]:
     import ray
 
     ensure_ray(cluster)
@@ -158,7 +206,53 @@ def identify_subspaces(job: SSIJob, cluster: ClusterConfig, rho: float | None, k
     out: dict[str, Subspace] = {}
     for _, part in merged:
         out.update(part)
-    logger.info(f"  [ssi] {len(out)} tensors from {len(bounds)} shards x {blocks} blocks, "
+    logger.info(f"  [ssi] {len(out)} tensors from {len(bounds)} shard tasks x {blocks} blocks, "
+                f"k = {sum(s.k for s in out.values())} in total")
+    return {n: out[n] for n in order}
+
+
+def ssi_rank(work: SSIWork, rank: int, world: int, device: Any, exchange: Any = None) -> dict[str, Subspace] | None:
+    """SSI on Train worker `rank` of `world` (`workers._serve_worker`); rank 0 returns every
+    tensor's subspace in the model's parameter order, the other ranks None.
+
+    world 1: the whole calibration set here (`safety_subspaces`, what executor local computes).
+    world W > 1: this rank's shard (`shard_bounds(N, W)[rank]`; none when N < W) gives every
+    block's factors, each handed to `exchange.give(block, part)`; then rank r merges the blocks
+    b ≡ r (mod W) from `exchange.take(block)` (one part per rank) and gives its subspaces as
+    block "merged", which rank 0 takes and joins. `exchange` (`workers.Exchange`) carries them
+    through Ray's object store: a block's parts exist only until their merge."""
+    job = work.job
+    model, tokenizer = load_peft_model(job.model, job.adapter)
+    model = model.to(device)
+    if world == 1:
+        return safety_subspaces(model, tokenizer, job.examples, job.max_length, work.rho, work.k_max, work.k_fixed,
+                                chunk=job.chunk, eps=work.eps, group_mb=job.group_mb)
+    sizes = lora_sizes(model)
+    order = [n for n, _ in sizes]
+    blocks = len(assign_blocks(sizes, work.blocks))
+    bounds = shard_bounds(len(job.examples), world)
+    if rank < len(bounds):
+        lo, hi = bounds[rank]
+        parts = iter_shard_factors(model, tokenizer, job.examples[lo:hi], job.max_length, job.chunk, work.blocks,
+                                   job.group_mb)
+    else:  # fewer examples than workers: this rank has no shard
+        parts = iter({"N": 0, "order": order, "tensors": {}} for _ in range(blocks))
+    for b, part in enumerate(parts):
+        exchange.give(b, part)
+        del part
+    del model
+    mine: dict[str, Subspace] = {}
+    for b in range(rank, blocks, world):
+        got = [p for p in exchange.take(b) if p["N"] > 0]
+        mine.update(merge_block(got, work.rho, work.k_max, work.k_fixed, work.eps))
+        del got
+    exchange.give("merged", mine)
+    if rank != 0:
+        return None
+    out: dict[str, Subspace] = {}
+    for part in exchange.take("merged"):
+        out.update(part)
+    logger.info(f"  [ssi] {len(out)} tensors from {len(bounds)} shards on the Train workers x {blocks} blocks, "
                 f"k = {sum(s.k for s in out.values())} in total")
     return {n: out[n] for n in order}
 

@@ -9,17 +9,19 @@ import torch / transformers / DeepSpeed, and a process group: measured 16-25 s p
     fit(spec) ── post(seq, spec) ──▶  job seq                 ◀──  take(after): the next job
               ◀─ result(seq) ──────  rank 0's PhaseResult    ◀──  put(seq, result)
 
-Each job is one phase (`trainer._train_rank`: model, engine and hooks built from the spec, as a
+A job is one phase (`trainer._train_rank`: model, engine and hooks built from the spec, as a
 one-phase Train run builds them, and freed after it), so the phases of a run and of separate
-Train runs compute the same thing. The Train run is named once per pipeline run
+Train runs compute the same thing; or one SSI (`TrainWorkers.ssi`, `distributed.ssi.ssi_rank`:
+sharded over the ranks, whose factors meet at the rank that merges their block through Ray's
+object store, `Exchange`), so SSI needs no task processes and no second copy of the devices. The Train run is named once per pipeline run
 (`<run_id>-train`); a phase's Train checkpoints are named `<phase name>-step_<n>`, so a restarted
 worker group (FailureConfig) and a restarted driver (a new `TrainWorkers` of the same name under
 the same storage: Ray Train restores the run's latest checkpoint) resume the phase that checkpoint
 belongs to, and a phase with no checkpoint of its own starts from step 0.
 
-The workers hold their CPUs / GPUs for the whole run: `room_for_tasks` tells the driver whether a
-Ray task (SSI) can still be scheduled beside them; when not, the driver closes the workers
-before the task (and the next phase starts them again).
+The workers hold their CPUs / GPUs for the whole run: `room_for_task` tells the driver whether a
+Ray task (SSI as tasks, `cluster.ssi_workers: N`) can still be scheduled beside them; when not,
+the driver closes the workers before the task (and the next phase starts them again).
 
 Errors: a NON_RETRYABLE error in a phase comes back as the phase's result and is raised by
 `fit`; a Train run that fails for good (restarts exhausted) is raised by `fit` as well.
@@ -31,6 +33,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 from safeanchor.distributed.config import ClusterConfig
@@ -49,6 +52,7 @@ class Mailbox:
         self.seq = -1
         self.job: Any = None
         self.done: dict[int, Any] = {}  # seq -> result (rank 0's dict)
+        self.parts: dict[tuple, dict[int, Any]] = {}  # (group, seq, key) -> rank -> ObjectRef (Exchange)
         self.stopped = False
         self.cond = asyncio.Condition()
 
@@ -73,6 +77,22 @@ class Mailbox:
         async with self.cond:
             self.done.setdefault(seq, value)  # the first answer wins (rank 0's, or an error)
             self.cond.notify_all()
+
+    async def give(self, key: tuple, rank: int, ref: list) -> None:
+        """A rank's part under `key` ([ObjectRef]: wrapped, so Ray hands the reference, not the value)."""
+        async with self.cond:
+            self.parts.setdefault(key, {})[rank] = ref[0]
+            self.cond.notify_all()
+
+    async def take_parts(self, key: tuple, n: int) -> list | None:
+        """The `n` ranks' parts under `key` in rank order ([[ObjectRef], ...]), once all are given,
+        and forgotten here; None after stop."""
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.stopped or len(self.parts.get(key, ())) >= n)
+            if self.stopped:
+                return None
+            got = self.parts.pop(key)
+            return [[got[r]] for r in sorted(got)]
 
     async def result(self, seq: int) -> Any:
         async with self.cond:
@@ -153,12 +173,19 @@ class TrainWorkers:
     # ---- work ------------------------------------------------------------------------------
     def fit(self, spec: PhaseSpec) -> PhaseResult:
         """Train one phase on the workers (starting them if needed); its `PhaseResult`."""
+        return self._run(spec, f"phase {spec.name!r}")
+
+    def ssi(self, work: Any) -> dict:
+        """SSI on the workers (`distributed.ssi.SSIWork`; starting them if needed): name -> Subspace."""
+        return self._run(work, "SSI")
+
+    def _run(self, job: Any, what: str) -> Any:
         import ray
 
         self.start()
         self.seq += 1
         seq = self.seq
-        ray.get(self.box.post.remote(seq, spec))
+        ray.get(self.box.post.remote(seq, job))
         ref = self.box.result.remote(seq)
         while True:
             ready, _ = ray.wait([ref], timeout=POLL_S)
@@ -172,16 +199,16 @@ class TrainWorkers:
                 err = self.outcome.get("error")
                 if err is not None:
                     raise err
-                raise RuntimeError(f"Train run {self.name!r} ended before phase {spec.name!r} returned")
+                raise RuntimeError(f"Train run {self.name!r} ended before {what} returned")
         if not isinstance(out, dict):
-            raise RuntimeError(f"phase {spec.name!r} returned no result from rank 0: {out!r}")
+            raise RuntimeError(f"{what} returned no result from rank 0: {out!r}")
         if "error" in out:
             raise out["error"]
         return out["result"]
 
     def room_for_task(self) -> bool:
         """Whether the cluster holds these workers AND one more task of a worker's resources (an
-        SSI task's: `distributed.ssi`); when not, such a task would wait for resources the workers
+        SSI task's, with `cluster.ssi_workers` set: `distributed.ssi`); when not, such a task would wait for resources the workers
         never release. Judged on the cluster's totals, so the answer does not depend on timing."""
         import ray
 
@@ -193,15 +220,50 @@ class TrainWorkers:
                 and total.get("GPU", 0.0) >= (c.num_workers + 1) * gpus)
 
 
+class Exchange:
+    """What one SSI job's ranks hand each other (`distributed.ssi.ssi_rank`), through Ray's object
+    store: `give(key, obj)` puts this rank's part, `take(key)` waits for every rank's part under
+    `key` and returns them in rank order. Keys carry the worker group's token, so the parts of a
+    group that died mid-SSI are never mixed with its restarted group's."""
+
+    def __init__(self, box: Any, group: str, seq: int, rank: int, world: int) -> None:
+        self.box, self.group, self.seq, self.rank, self.world = box, group, seq, rank, world
+
+    def give(self, key: Any, obj: Any) -> None:
+        import ray
+
+        ray.get(self.box.give.remote((self.group, self.seq, key), self.rank, [ray.put(obj)]))
+
+    def take(self, key: Any) -> list:
+        import ray
+
+        refs = ray.get(self.box.take_parts.remote((self.group, self.seq, key), self.world))
+        if refs is None:
+            raise RuntimeError("the run's Train workers were stopped during SSI")
+        return ray.get([r[0] for r in refs])
+
+
+def _group_token(world: int) -> str:
+    """A token shared by this worker group's ranks (rank 0's, broadcast), new for each restart."""
+    token = [uuid.uuid4().hex]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
 def _serve_worker(config: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker: phases from the mailbox until it says stop."""
+    """Ray Train's train_loop_per_worker: phases and SSI jobs from the mailbox until it says stop."""
     import gc
 
     import ray
     import ray.train
+    import ray.train.torch
     import torch
 
     from safeanchor import logs
+    from safeanchor.distributed.ssi import SSIWork, ssi_rank
     from safeanchor.distributed.trainer import NON_RETRYABLE, _node_cores, _train_rank
 
     logs.setup()
@@ -209,7 +271,8 @@ def _serve_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cluster: ClusterConfig = config["cluster"]
     torch.set_num_threads(cluster.torch_threads(_node_cores(), ctx.get_local_world_size()))
-    box, ds = config["box"], config["ds"]
+    box, ds, use_gpu = config["box"], config["ds"], config["use_gpu"]
+    group = _group_token(world)
     # the run's latest checkpoint when this group started: it resumes the phase it belongs to
     ckpt = ray.train.get_checkpoint()
     after = -1
@@ -219,7 +282,11 @@ def _serve_worker(config: dict[str, Any]) -> None:
             return None
         seq, spec = job
         try:
-            out = _train_rank(spec, cluster, config["use_gpu"], ds, rank, world, time.time(), ckpt)
+            if isinstance(spec, SSIWork):
+                device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+                out = {"result": ssi_rank(spec, rank, world, device, Exchange(box, group, seq, rank, world))}
+            else:
+                out = _train_rank(spec, cluster, use_gpu, ds, rank, world, time.time(), ckpt)
         except NON_RETRYABLE as e:
             out = {"error": e}
         if rank == 0 or "error" in out:

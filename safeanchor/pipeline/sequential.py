@@ -384,18 +384,16 @@ class Runner:
         return out.stats
 
     def fisher_subspaces(self, examples, rho, k_max, k_fixed, chunk, max_length, group_mb=None) -> dict:
-        """SSI at the live model: Ray tasks (shards + per-block merges) or in-process (streaming,
-        `group_mb` MiB of gradient rows at a time; None: the default)."""
+        """SSI at the live model: on the run's Train workers, as Ray tasks (`cluster.ssi_workers`)
+        or in-process (streaming, `group_mb` MiB of gradient rows at a time; None: the default);
+        `distributed.ssi.identify_subspaces` chooses."""
         from safeanchor.distributed.ssi import SSIJob, identify_subspaces
         from safeanchor.ssi import DEFAULT_GROUP_MB
 
         job = SSIJob(self.run_.model_spec, adapter_bytes(self.model), list(examples), max_length, chunk,
                      DEFAULT_GROUP_MB if group_mb is None else group_mb)
-        if self.workers is not None and self.workers.alive and not self.workers.room_for_task():
-            logger.info("  [ssi] no room for an SSI task beside the run's Train workers: ending them "
-                        "(the next phase starts them again)")
-            self.workers.close()
-        return identify_subspaces(job, self.cfg.cluster, rho, k_max, k_fixed, model=self.model, tokenizer=self.tok)
+        return identify_subspaces(job, self.cfg.cluster, rho, k_max, k_fixed, model=self.model, tokenizer=self.tok,
+                                  workers=self.workers)
 
     def eval_step(self, t: int, label: str) -> dict[str, float]:
         """Score every set; what the model said (prompt, generation, verdict, set) goes to

@@ -1,5 +1,6 @@
-"""SSI on Ray: 2 shard tasks (per-example gradients -> thin SVD factors) and 2 merge tasks equal
-`fisher_subspace` on the whole single-process gradient matrix: eigenvalues, traces, and subspaces.
+"""SSI on Ray, as Ray tasks (2 shard tasks: per-example gradients -> thin SVD factors; 2 merge tasks)
+and on a run's Train workers (the default), equals `fisher_subspace` on the whole single-process
+gradient matrix: eigenvalues, traces, and subspaces.
 
 Subspaces are compared by the projector distance without forming n x n matrices:
 ‖V1V1ᵀ − V2V2ᵀ‖²_F = ‖V1ᵀV1‖²_F + ‖V2ᵀV2‖²_F − 2‖V1ᵀV2‖²_F (= k1 + k2 − 2‖V1ᵀV2‖²_F for
@@ -103,3 +104,23 @@ def test_ray_ssi_equals_fisher_subspace(ray_instance, full_grads, calib, world, 
     if k_fixed is not None:  # every eigenpair: the whole row space of G, λ summing to the trace
         for s in got.values():
             assert float(s.lam.double().sum()) == pytest.approx(s.trace, rel=1e-5)
+
+
+def test_ssi_on_train_workers_equals_fisher_subspace(ray_instance, full_grads, calib, world, tmp_path):
+    """SSI as a job of a run's Train workers (the default, `cluster.ssi_workers: null`): 2 ranks,
+    one shard each, 3 blocks merged by rank b mod 2 through the object store, equal
+    fisher_subspace on the full gradient matrix; a second job on the SAME workers (no new Train
+    run) with 1 example leaves rank 1 without a shard."""
+    from safeanchor.distributed.workers import TrainWorkers
+
+    cluster = ClusterConfig(num_workers=2, ssi_blocks=3)
+    assert cluster.ssi_workers is None
+    with TrainWorkers("ssi-test", cluster, str(tmp_path / "ray")) as workers:
+        t0 = time.perf_counter()
+        got = identify_subspaces(SSIJob(world.model, world.adapter, calib), cluster, 0.9, 8, workers=workers)
+        print(f"\n[timings] ssi on 2 Train workers: {time.perf_counter() - t0:.1f}s (with the launch)")
+        assert_same(got, {n: fisher_subspace(G, 0.9, 8) for n, G in full_grads.items()})
+        one = identify_subspaces(SSIJob(world.model, world.adapter, calib[:1]), cluster, 0.9, 8, workers=workers)
+        assert_same(one, {n: fisher_subspace(G[:1], 0.9, 8) for n, G in full_grads.items()})
+        assert all(s.k == 1 for s in one.values())
+        assert workers.launches == 1
