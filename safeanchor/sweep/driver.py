@@ -172,7 +172,8 @@ def _tune(spec: SweepSpec, ctx: TrialContext, cfg, peak: float, resume: bool) ->
         else:
             from ray.tune.search.basic_variant import BasicVariantGenerator
 
-            search = BasicVariantGenerator(random_state=spec.search_seed)
+            # it takes the concurrency itself (Tune ignores max_concurrent_trials for it, with a warning)
+            search = BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=conc)
         scheduler = None
         if spec.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
@@ -184,7 +185,8 @@ def _tune(spec: SweepSpec, ctx: TrialContext, cfg, peak: float, resume: bool) ->
             trainable,
             param_space=to_tune(spec.space),
             tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=spec.trials,
-                                        max_concurrent_trials=conc, search_alg=search, scheduler=scheduler,
+                                        max_concurrent_trials=conc if spec.search == "optuna" else None,
+                                        search_alg=search, scheduler=scheduler,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=spec.sweep_id, storage_path=spec.storage,
                                       failure_config=tune.FailureConfig(max_failures=0),

@@ -177,3 +177,41 @@ def test_trials_train_on_ray_train_workers(ray_instance, cache, tmp_path):
     assert train["zero_stage"] is None  # one CPU worker: deepspeed.enabled auto -> the torch loop
     assert any((run / "ray").iterdir()) and summary["train_runs"] == 1  # the run's Ray Train run
     assert len(_results(next(out.glob("trial_*")))) == 1 and (out / "best.yaml").is_file()
+
+
+def test_asha_stops_trials_that_lose_safety_on_the_first_domain(ray_instance, cache, tmp_path):
+    """4 trials, one at a time, ASHA at its defaults (reduction 3, first rung = the first domain):
+    a trial whose first-domain objective falls below the rung's cut is stopped there.
+
+    The tiny preset's own metrics are all 0 (its width-32 model, pre-trained 30 steps, refuses
+    nothing), so every trial would tie at the rung and none could be cut. This sweep runs a tiny
+    world that learns to refuse (pre-training 800 steps, alignment 120, width 64: validation
+    safety 0.29 at step 0, seed 100) and a learning rate that either keeps it (1e-4: retention 1.0
+    after the first domain, objective 0) or erodes it (3e-3: safety 0 after the first domain,
+    objective -9; measured). Random search with seed 1 draws 1e-4, 3e-3, 3e-3, 3e-3; ASHA's cut
+    for a trial reaching the rung is the 67th percentile of the objectives recorded there before
+    it, so each 3e-3 trial (-9 against a cut above -9) is stopped after one report."""
+    space = tmp_path / "space.yaml"
+    space.write_text("method: lora\nparams:\n  train.lr: {type: choice, values: [1.0e-4, 3.0e-3]}\n")
+    storage = tmp_path / "sweeps"
+    argv = ["--method", "lora", "--config", TINY, "--space", str(space), "--trials", "4", "--order", "medical,legal",
+            "--seeds", "100", "--max-concurrent", "1", "--search", "random", "--search-seed", "1",
+            "--storage", str(storage), "--set", f"toyworld.cache_dir={cache}", "--set", "tracking.enabled=false",
+            "--set", "toyworld.pretrain.max_steps=800", "--set", "toyworld.align.max_steps=120",
+            "--set", "toyworld.model.hidden_size=64"]
+    assert sweep.main(argv) == 0
+    out = storage / "lora-tiny"
+    rows = {}
+    for td in out.glob("trial_*"):
+        res = _results(td)
+        lr = json.loads((td / "params.json").read_text())["train.lr"]
+        rows[td.name] = (lr, len(res), res[0]["objective"])
+    got = sorted(rows.values(), key=lambda r: (r[0], r[1]))
+    assert len(got) == 4
+    assert [(lr, n) for lr, n, _ in got] == [(1e-4, 2), (3e-3, 1), (3e-3, 1), (3e-3, 1)], got
+    keep = next(obj for lr, _, obj in got if lr == 1e-4)
+    assert all(obj < keep - 1.0 for lr, _, obj in got if lr == 3e-3)  # lost safety on the first domain
+    table = (out / "trials.csv").read_text().splitlines()
+    assert len(table) == 5 and sum(",stopped," in r for r in table) == 3 and sum(",complete," in r for r in table) == 1
+    best = load_run_config(out / "best.yaml")
+    assert best.train.lr == pytest.approx(1e-4)  # the trial that kept its safety
