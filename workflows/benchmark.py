@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="time the whole run under executor local and ray (subprocesses) instead of steps")
     p.add_argument("--method", default=None, help="--executors: the run's method (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="--executors: the run's seed")
+    p.add_argument("--logs", help="--executors: write each run's console output to DIR/<executor><round>.log")
     args = p.parse_args(argv)
     if args.executors:
         return executors(args)
@@ -186,12 +187,18 @@ def executors(args: argparse.Namespace) -> int:
                     cmd += ["--set", o]
                 print(f"[executors] round {r + 1}/{rounds}: {executor}", flush=True)
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True)
+                # the console, each line stamped with the seconds since the start (where the time goes)
+                proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True)
+                lines = [f"{time.perf_counter() - t0:8.1f}  {line}" for line in proc.stdout]
+                rc = proc.wait()
                 wall = time.perf_counter() - t0
-                if proc.returncode != 0:
-                    print(proc.stdout[-4000:] + proc.stderr[-4000:], file=sys.stderr)
-                    print(f"error: the {executor} run exited with {proc.returncode}: {' '.join(cmd)}",
-                          file=sys.stderr)
+                if args.logs:
+                    Path(args.logs).mkdir(parents=True, exist_ok=True)
+                    (Path(args.logs) / f"{executor}{r}.log").write_text("".join(lines))
+                if rc != 0:
+                    print("".join(lines[-60:]), file=sys.stderr)
+                    print(f"error: the {executor} run exited with {rc}: {' '.join(cmd)}", file=sys.stderr)
                     return 1
                 walls[executor].append(wall)
                 summaries.setdefault(executor, json.loads((storage / "run" / "summary.json").read_text()))

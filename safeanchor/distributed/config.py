@@ -1,4 +1,4 @@
-"""Where training steps run: in-process or on Ray (Train workers, SSI tasks), and the DeepSpeed engine.
+"""Where training steps run: in-process or on Ray (Train workers; SSI on them or on tasks), and the DeepSpeed engine.
 
 `ClusterConfig` is the `cluster:` section of a run's config. The DeepSpeed JSON that the engine
 receives is assembled here from three layers, later ones winning:
@@ -123,11 +123,11 @@ def engine_config(base: dict[str, Any], batch_size: int, world: int, grad_clip: 
 class ClusterConfig:
     """Where a run's steps execute: Ray (Train workers for training phases, tasks for SSI) or in-process."""
 
-    executor: str = field(default="ray", metadata={"doc": "ray (Train workers + Ray tasks) | local (in-process, one worker, no Ray)"})
+    executor: str = field(default="ray", metadata={"doc": "ray (Ray Train workers; SSI on them or on Ray tasks) | local (in-process, one worker, no Ray)"})
     address: str | None = field(default=None, metadata={"doc": "Ray address: null starts/attaches a local Ray (RAY_ADDRESS if set); auto inside `ray job submit`"})
     num_workers: int = field(default=1, metadata={"doc": "Ray Train workers of a run (data parallel; started once, they train every phase of the run)"})
     use_gpu: bool | str = field(default="auto", metadata={"doc": "auto (GPUs if the Ray cluster has any) | true | false; backend NCCL on GPU, gloo on CPU"})
-    cpus_per_worker: float = field(default=1.0, metadata={"doc": "CPUs reserved by each Train worker and SSI task"})
+    cpus_per_worker: float = field(default=1.0, metadata={"doc": "CPUs reserved by each Train worker (and SSI task, with ssi_workers)"})
     gpus_per_worker: float = field(default=1.0, metadata={"doc": "GPUs per Train worker / SSI task when GPUs are used"})
     resources_per_worker: dict[str, float] = field(default_factory=dict, metadata={"doc": "extra Ray custom resources per Train worker"})
     placement_strategy: str = field(default="PACK", metadata={"doc": "Train workers' placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one worker per node)"})

@@ -46,7 +46,7 @@ projected gradient — and the callback does exactly that through the same hooks
 logged loss is the task loss, as in the pipeline.
 
 Data-parallel ranks (DDP / DeepSpeed): every rank computes the same SSI (same model, same
-examples; the Fisher is not sharded here, unlike the pipeline's Ray SSI tasks), projects its
+examples; the Fisher is not sharded here, unlike the pipeline's SSI on Ray), projects its
 local gradient (exact: linear), adds the same anchor gradient (the anchor batch is not split
 across ranks, so the average over ranks is that gradient), and runs the same CSM and replay in
 process; only the world's process zero writes the file.

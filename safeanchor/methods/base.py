@@ -103,7 +103,7 @@ class Context:
     train: Callable[[TrainPhase], dict] | None = None  # train(phase) -> stats (runs phase_hooks)
     probe_safety: Callable[[], float] | None = None  # refusal rate on the probe set, now
     # fisher_subspaces(examples, rho, k_max, k_fixed, chunk, max_length, group_mb=None) -> {tensor: Subspace}
-    # at the current model (SSI; on Ray tasks under cluster.executor=ray)
+    # at the current model (SSI; on the Train workers under cluster.executor=ray)
     fisher_subspaces: Callable[..., dict] | None = None
     state: dict[str, Any] = field(default_factory=dict)  # pipeline-level facts (e.g. s_0)
     seed: int | None = None  # the run seed (default: run_cfg.seed)

@@ -167,7 +167,7 @@ class SafeAnchor(Method):
 
     def identify(self, ctx: Context) -> dict[str, Subspace]:
         """Fresh per-tensor subspaces at the current model (no merge)."""
-        if ctx.fisher_subspaces is not None:  # the pipeline's service (Ray tasks or in-process)
+        if ctx.fisher_subspaces is not None:  # the pipeline's service (Train workers, Ray tasks or in-process)
             return ctx.fisher_subspaces(self._calib_examples(ctx), self.cfg.rho, self.cfg.k_max, self.cfg.k_fixed,
                                         self.cfg.grad_chunk, ctx.max_length, group_mb=self.cfg.ssi_group_mb)
         # no pipeline (a method used on its own): in this process, at ctx.model

@@ -164,7 +164,7 @@ class PreparedRun:
     ctx: Context
     domain_train: dict[str, list[ChatExample]]
     extras: list[str]  # stems of the extra harmful files
-    model_spec: ModelSpec  # how another process loads the same model (training workers, SSI tasks)
+    model_spec: ModelSpec  # how another process loads the same model (Train workers, SSI tasks)
 
 
 def open_storage(cfg: RunConfig, storage: RunDir | None = None) -> RunDir:
