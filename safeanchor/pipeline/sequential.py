@@ -410,6 +410,12 @@ class Runner:
     # ---- the DAG -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg, ctx, method, run = self.cfg, self.ctx, self.method, self.run_
+        last = f"{len(cfg.data.order):02d}-{cfg.data.order[-1]}/02-train"
+        if self.workers is not None and not self.store.done(last):
+            # launch the Train workers now (in the background: controller, placement group, worker
+            # processes importing torch): the launch overlaps setup and the first evaluation
+            # instead of delaying the first phase (measured ~25 s on 2 cores)
+            self.workers.start()
         # setup() runs before the step-0 evaluation: a method that changes the model before any
         # domain (Vaccine's re-alignment) is measured from the model it actually starts from.
         self.step("00-setup", lambda: {"info": method.setup(ctx)}, checkpoint=True)
