@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="time the whole run under executor local and ray (subprocesses) instead of steps")
     p.add_argument("--method", default=None, help="--executors: the run's method (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="--executors: the run's seed")
-    p.add_argument("--logs", help="--executors: write each run's console output to DIR/<executor><round>.log")
+    p.add_argument("--logs", help="--executors: write each run's console (seconds since its start on each line) "
+                                  "and summary.json to DIR/<executor><round>.log / -summary.json")
     args = p.parse_args(argv)
     if args.executors:
         return executors(args)
@@ -201,7 +202,10 @@ def executors(args: argparse.Namespace) -> int:
                     print(f"error: the {executor} run exited with {rc}: {' '.join(cmd)}", file=sys.stderr)
                     return 1
                 walls[executor].append(wall)
-                summaries.setdefault(executor, json.loads((storage / "run" / "summary.json").read_text()))
+                summary = (storage / "run" / "summary.json").read_text()
+                if args.logs:  # its per-phase timing (steps[].train.timing) beside the console
+                    (Path(args.logs) / f"{executor}{r}-summary.json").write_text(summary)
+                summaries.setdefault(executor, json.loads(summary))
                 print(f"[executors]   {wall:.1f} s", flush=True)
     diffs = score_diffs(summaries["local"], summaries["ray"])
     med = {k: statistics.median(v) for k, v in walls.items()}
