@@ -121,7 +121,7 @@ def engine_config(base: dict[str, Any], batch_size: int, world: int, grad_clip: 
 
 @dataclass
 class ClusterConfig:
-    """Where a run's steps execute: Ray (Train workers for training phases, tasks for SSI) or in-process."""
+    """Where a run's steps execute: Ray (Train workers for training phases and SSI; Ray tasks for SSI with ssi_workers) or in-process."""
 
     executor: str = field(default="ray", metadata={"doc": "ray (Ray Train workers; SSI on them or on Ray tasks) | local (in-process, one worker, no Ray)"})
     address: str | None = field(default=None, metadata={"doc": "Ray address: null starts/attaches a local Ray (RAY_ADDRESS if set); auto inside `ray job submit`"})
