@@ -6,11 +6,18 @@
     python workflows/benchmark.py --ssi-7b-layer --out runs/ssi-7b-layer.json   # SSI memory, CPU
     python workflows/benchmark.py --preset gpu-7b-shape --out runs/gpu-7b.json   # one GPU, DeepSpeed
 
-Times (median of interleaved repeats) of: a plain LoRA step, a LoRA step + OSCA projection
-(batched after backward, as in-process; and as per-tensor gradient hooks, as on DeepSpeed),
-a full SafeAnchor step (projection + anchor loss); SSI wall time against one domain's
-training wall time; peak resident memory added during SSI. Ratios, not absolute seconds,
-are the figures to read: the machine is shared and noisy.
+Step times of: a plain LoRA step, a LoRA step + OSCA projection (batched after backward, as
+in-process; and as per-tensor gradient hooks, as on DeepSpeed), a full SafeAnchor step
+(projection + anchor loss); SSI wall time against one domain's training wall time; peak
+resident memory added during SSI. Ratios, not absolute seconds, are the figures to read: the
+machine is shared and noisy. How the ratios are made stable: in each round every variant runs
+the SAME `--steps` batches (drawn afresh per round), in an order rotated from round to round;
+a ratio is the median over rounds of that round's variant / LoRA time (paired, so a slow
+minute of the machine slows both), for wall time and for this process's CPU time; its
+stability is printed beside it (`*_halves`: the same median over the odd and over the even
+rounds). `--threads 1,2` repeats everything at each torch thread count. The full SafeAnchor
+step is compared with its floor, 1 + anchor_batch / (batch_size · anchor_every): the anchor's
+extra forward / backward, the part of its cost no implementation can avoid.
 
 `--executors`: the whole default run (`workflows/sequential.py` with the preset, method and seed
 given) with `cluster.executor=local` and with `cluster.executor=ray`, in alternating subprocesses
@@ -43,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round (the same batches)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="interleaved rounds, median taken (default 5; --executors: 1 pair)")
+                   help="interleaved rounds, median taken (default 15; --executors: 1 pair)")
+    p.add_argument("--threads", default=None,
+                   help="torch thread counts to time the steps at, e.g. 1,2 (default: torch's current)")
     p.add_argument("--ssi-repeats", type=int, default=3, help="SSI runs (median taken; RSS from the first)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--executors", action="store_true",
@@ -57,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.executors:
         return executors(args)
-    args.rounds = args.rounds or 5
+    args.rounds = args.rounds or 15
 
     import psutil
     import torch
@@ -109,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     full_hooks = full.phase_hooks(ctx, "domain")  # projection groups + anchor reference of θ_{t-1}
     proj_hooks = proj.phase_hooks(ctx, "domain")
 
+    import itertools
+
     from safeanchor.data import ExampleBatches, encode_dataset
     from safeanchor.train.loop import TorchStepEngine, batches_from, run_loop, train_examples
 
@@ -117,24 +128,38 @@ def main(argv: list[str] | None = None) -> int:
     batches = batches_from(batcher.epoch, len(batcher), 0)
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    def timed(hooks) -> float:
+    def timed(hooks, round_batches: list) -> tuple[float, float]:
+        """(wall s, CPU s of this process) per step over the round's batches."""
         engine = TorchStepEngine(model, cfg.train, args.steps)  # what train_examples runs on
+        c0 = time.process_time()
         with logs.quiet("safeanchor.train.loop"):  # no progress lines in the timed steps
-            stats = run_loop(engine, batches, args.steps, cfg.train, hooks, tag="bench")
+            stats = run_loop(engine, iter(round_batches), args.steps, cfg.train, hooks, tag="bench")
+        cpu = (time.process_time() - c0) / args.steps
         with torch.no_grad():  # same starting point for every variant
             for n, p in model.named_parameters():
                 if n in state:
                     p.copy_(state[n])
-        return stats["step_s"]
+        return stats["step_s"], cpu
 
-    timed(None)  # warm-up
-    t = {"lora": [], "projection": [], "projection_hooks": [], "safeanchor": []}
-    for _ in range(args.rounds):
-        t["lora"].append(timed(None))
-        t["projection"].append(timed(proj_hooks))
-        t["projection_hooks"].append(timed(PerTensor(proj_hooks)))
-        t["safeanchor"].append(timed(full_hooks))
-    med = {k: statistics.median(v) for k, v in t.items()}
+    variants = {"lora": None, "projection": proj_hooks, "projection_hooks": PerTensor(proj_hooks),
+                "safeanchor": full_hooks}
+    threads = [int(x) for x in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    by_threads = {}
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        timed(None, list(itertools.islice(batches, args.steps)))  # warm-up
+        wall = {k: [] for k in variants}
+        cpu = {k: [] for k in variants}
+        names = list(variants)
+        for r in range(args.rounds):
+            round_batches = list(itertools.islice(batches, args.steps))  # every variant: these batches
+            for k in names[r % len(names):] + names[:r % len(names)]:  # order rotated per round
+                w, c = timed(variants[k], round_batches)
+                wall[k].append(w)
+                cpu[k].append(c)
+        by_threads[str(n_threads)] = step_figures(wall, cpu)
+    med = by_threads[str(threads[0])]
+    floor = 1 + full.cfg.anchor_batch / (cfg.train.batch_size * full.cfg.anchor_every)
 
     # One domain's training wall time (the pipeline's own call), for the SSI share.
     t0 = time.perf_counter()
@@ -142,14 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         train_examples(model, run.tokenizer, ctx.domain_train, cfg.train, cfg.seed, full_hooks, "domain")
     domain_s = time.perf_counter() - t0
     out = {
-        "lora_step_s": med["lora"],
-        "projection_step_s": med["projection"],
-        "safeanchor_step_s": med["safeanchor"],
-        "ratio_projection": med["projection"] / med["lora"],
-        # the same projection as per-tensor gradient hooks (the form the DeepSpeed engine runs)
-        "projection_hooks_step_s": med["projection_hooks"],
-        "ratio_projection_hooks": med["projection_hooks"] / med["lora"],
-        "ratio_safeanchor": med["safeanchor"] / med["lora"],
+        # the first thread count's figures at the top (the rest under by_threads)
+        **{k: v for k, v in med.items() if not k.startswith("rounds_")},
+        "anchor_floor": floor,
+        "safeanchor_over_floor": med["ratio_safeanchor"] - floor,
+        "by_threads": {t: {**f, "safeanchor_over_floor": f["ratio_safeanchor"] - floor} for t, f in by_threads.items()},
         "ssi_s": ssi_s,
         "ssi_runs_s": ssi_runs,
         "domain_train_s": domain_s,
@@ -157,13 +179,33 @@ def main(argv: list[str] | None = None) -> int:
         "ssi_peak_rss_added_mb": max(0, peak[0] - base_rss) / 2**20,
         "steps": args.steps, "rounds": args.rounds, "batch_size": cfg.train.batch_size,
         "calib_examples": min(len(ctx.safety_calib), full.cfg.calib_size or len(ctx.safety_calib)),
-        "anchor_batch": full.cfg.anchor_batch, "threads": torch.get_num_threads(),
+        "anchor_batch": full.cfg.anchor_batch, "anchor_every": full.cfg.anchor_every, "threads": threads[0],
     }
     print(json.dumps(out, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2))
     return 0
+
+
+def step_figures(wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict:
+    """Per-variant median step seconds (wall, CPU) and each variant's ratio to LoRA: the median
+    over rounds of the round's own ratio, for wall and CPU time, with `*_halves` (the same
+    median over the odd and the even rounds: how far apart two half-length runs land)."""
+    out: dict = {}
+    for k in wall:
+        out[f"{k}_step_s"] = statistics.median(wall[k])
+        out[f"{k}_cpu_s"] = statistics.median(cpu[k])
+        out[f"rounds_{k}_s"] = wall[k]
+        if k == "lora":
+            continue
+        for kind, t in (("", wall), ("_cpu", cpu)):
+            per_round = [a / b for a, b in zip(t[k], t["lora"], strict=True)]
+            out[f"ratio_{k}{kind}"] = statistics.median(per_round)
+            if len(per_round) >= 2:
+                out[f"ratio_{k}{kind}_halves"] = [statistics.median(per_round[0::2]),
+                                                   statistics.median(per_round[1::2])]
+    return out
 
 
 def executors(args: argparse.Namespace) -> int:

@@ -18,15 +18,25 @@ KEYS = ("lora_step_s", "projection_step_s", "safeanchor_step_s", "ratio_projecti
 
 def test_benchmark_writes_all_figures(tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["--config", str(ROOT / "workflows" / "configs" / "tiny.yaml"), "--steps", "2", "--rounds", "1",
-            "--ssi-repeats", "2", "--out", str(out), "--set", f"toyworld.cache_dir={tmp_path / 'cache'}",
+    argv = ["--config", str(ROOT / "workflows" / "configs" / "tiny.yaml"), "--steps", "2", "--rounds", "3",
+            "--threads", "1,2", "--ssi-repeats", "2", "--out", str(out),
+            "--set", f"toyworld.cache_dir={tmp_path / 'cache'}",
             "--set", f"storage={tmp_path / 'runs'}", "--set", "tracking.enabled=false"]
     assert benchmark.main(argv) == 0
     fig = json.loads(out.read_text())
     for k in KEYS:
         assert fig[k] > 0, k
-    assert fig["ratio_safeanchor"] == fig["safeanchor_step_s"] / fig["lora_step_s"]
-    assert fig["ratio_projection_hooks"] == fig["projection_hooks_step_s"] / fig["lora_step_s"]
+    assert set(fig["by_threads"]) == {"1", "2"} and fig["threads"] == 1
+    one = fig["by_threads"]["1"]
+    # paired ratios: the median over rounds of each round's variant / LoRA time
+    rounds = list(zip(one["rounds_safeanchor_s"], one["rounds_lora_s"], strict=True))
+    assert len(rounds) == 3
+    assert fig["ratio_safeanchor"] == statistics.median(a / b for a, b in rounds)
+    assert fig["ratio_safeanchor_halves"] == [statistics.median(a / b for a, b in rounds[0::2]),
+                                              statistics.median(a / b for a, b in rounds[1::2])]
+    assert fig["ratio_safeanchor_cpu"] > 0 and fig["by_threads"]["2"]["ratio_projection_hooks"] > 0
+    assert fig["anchor_floor"] == 1 + fig["anchor_batch"] / (fig["batch_size"] * fig["anchor_every"])
+    assert fig["safeanchor_over_floor"] == fig["ratio_safeanchor"] - fig["anchor_floor"]
     assert len(fig["ssi_runs_s"]) == 2 and fig["ssi_s"] == statistics.median(fig["ssi_runs_s"])
 
 
