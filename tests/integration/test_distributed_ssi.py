@@ -107,13 +107,20 @@ def test_ray_ssi_equals_fisher_subspace(ray_instance, full_grads, calib, world, 
 
 
 def test_ssi_on_train_workers_equals_fisher_subspace(ray_instance, full_grads, calib, world, tmp_path):
-    """SSI as a job of a run's Train workers (the default, `cluster.ssi_workers: null`): 2 ranks,
-    one shard each, 3 blocks merged by rank b mod 2 through the object store, equal
-    fisher_subspace on the full gradient matrix; a second job on the SAME workers (no new Train
-    run) with 1 example leaves rank 1 without a shard."""
+    """SSI as a job of a run's Train workers (the default, `cluster.ssi_workers: null`), three jobs
+    on the SAME 2 workers (one Train run):
+
+    1. 13 examples, one shard per rank, 3 blocks merged by rank b mod 2 through the object store:
+       equal to fisher_subspace on the full gradient matrix;
+    2. 1 example: rank 1 has no shard, and the result is still exact;
+    3. adapter bytes that are not safetensors: an error outside NON_RETRYABLE, which fails the
+       worker group; with max_failures 0 the Train run ends for good while the driver waits, and
+       the driver raises the run's error (carrying the worker's traceback), frees the mailbox and
+       marks the workers closed (the next job would start a new Train run)."""
+    from safeanchor.distributed.ssi import SSIWork
     from safeanchor.distributed.workers import TrainWorkers
 
-    cluster = ClusterConfig(num_workers=2, ssi_blocks=3)
+    cluster = ClusterConfig(num_workers=2, ssi_blocks=3, max_failures=0)
     assert cluster.ssi_workers is None
     with TrainWorkers("ssi-test", cluster, str(tmp_path / "ray")) as workers:
         t0 = time.perf_counter()
@@ -123,4 +130,9 @@ def test_ssi_on_train_workers_equals_fisher_subspace(ray_instance, full_grads, c
         one = identify_subspaces(SSIJob(world.model, world.adapter, calib[:1]), cluster, 0.9, 8, workers=workers)
         assert_same(one, {n: fisher_subspace(G[:1], 0.9, 8) for n, G in full_grads.items()})
         assert all(s.k == 1 for s in one.values())
-        assert workers.launches == 1
+        assert workers.launches == 1 and workers.alive
+
+        with pytest.raises(Exception) as err:
+            workers.ssi(SSIWork(SSIJob(world.model, b"not safetensors", calib), 0.9, 8))
+        assert "ssi_rank" in str(err.value)  # the worker's traceback, not a driver-side error
+        assert not workers.alive and workers.box is None and workers.launches == 1
