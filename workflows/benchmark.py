@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="time the whole run under executor local and ray (subprocesses) instead of steps")
     p.add_argument("--method", default=None, help="--executors: the run's method (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="--executors: the run's seed")
+    p.add_argument("--idle-ray", action="store_true",
+                   help="--executors: also time the in-process run beside an idle Ray and an idle Train run "
+                        "(what Ray's own processes cost a run that does not use them)")
     p.add_argument("--logs", help="--executors: write each run's console (seconds since its start on each line) "
                                   "and summary.json to DIR/<executor><round>.log / -summary.json")
     args = p.parse_args(argv)
@@ -188,6 +192,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _IdleRay:
+    """A local Ray with a Train run of one worker waiting for work, as a Ray run holds them
+    between phases (`--executors --idle-ray`), started in this process and ended by `close`."""
+
+    def __init__(self, storage: Path) -> None:
+        from safeanchor.distributed import ClusterConfig
+        from safeanchor.distributed.workers import TrainWorkers
+
+        self.address = os.environ.get("RAY_ADDRESS")
+        self.workers = TrainWorkers("idle-ray", ClusterConfig(), str(storage))  # the default run's cluster
+        self.workers.wait_ready()  # launched: the run beside it then meets Ray idle, not Ray starting
+
+    def close(self) -> None:
+        import ray
+
+        self.workers.close()
+        ray.shutdown()
+        # ensure_ray pointed RAY_ADDRESS at this instance, which is gone: back to what it was
+        if self.address is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = self.address
+
+
 def step_figures(wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict:
     """Per-variant median step seconds (wall, CPU) and each variant's ratio to LoRA: the median
     over rounds of the round's own ratio, for wall and CPU time, with `*_halves` (the same
@@ -210,25 +238,27 @@ def step_figures(wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> d
 
 def executors(args: argparse.Namespace) -> int:
     """The same run under both executors, side by side in one script; see the module doc."""
-    import os
     import subprocess
     import tempfile
 
     seq = Path(__file__).resolve().parent / "sequential.py"
     rounds = max(1, args.rounds or 1)
-    walls: dict[str, list[float]] = {"local": [], "ray": []}
+    kinds = ("local", "ray", "local_idle_ray") if args.idle_ray else ("local", "ray")
+    walls: dict[str, list[float]] = {k: [] for k in kinds}
     summaries: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="sa-executors-") as tmp:
         for r in range(rounds):
-            for executor in ("local", "ray"):
-                storage = Path(tmp) / f"{executor}{r}"
+            for kind in kinds:
+                executor = "ray" if kind == "ray" else "local"
+                idle = _IdleRay(Path(tmp) / f"idle{r}") if kind == "local_idle_ray" else None
+                storage = Path(tmp) / f"{kind}{r}"
                 cmd = [sys.executable, str(seq), "--config", args.config, "--seed", str(args.seed),
                        "--storage", str(storage), "--run-id", "run", "--set", f"cluster.executor={executor}"]
                 if args.method:
                     cmd += ["--method", args.method]
                 for o in args.overrides:
                     cmd += ["--set", o]
-                print(f"[executors] round {r + 1}/{rounds}: {executor}", flush=True)
+                print(f"[executors] round {r + 1}/{rounds}: {kind}", flush=True)
                 t0 = time.perf_counter()
                 # the console, each line stamped with the seconds since the start (where the time goes)
                 proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -236,18 +266,20 @@ def executors(args: argparse.Namespace) -> int:
                 lines = [f"{time.perf_counter() - t0:8.1f}  {line}" for line in proc.stdout]
                 rc = proc.wait()
                 wall = time.perf_counter() - t0
+                if idle is not None:
+                    idle.close()
                 if args.logs:
                     Path(args.logs).mkdir(parents=True, exist_ok=True)
-                    (Path(args.logs) / f"{executor}{r}.log").write_text("".join(lines))
+                    (Path(args.logs) / f"{kind}{r}.log").write_text("".join(lines))
                 if rc != 0:
                     print("".join(lines[-60:]), file=sys.stderr)
-                    print(f"error: the {executor} run exited with {rc}: {' '.join(cmd)}", file=sys.stderr)
+                    print(f"error: the {kind} run exited with {rc}: {' '.join(cmd)}", file=sys.stderr)
                     return 1
-                walls[executor].append(wall)
+                walls[kind].append(wall)
                 summary = (storage / "run" / "summary.json").read_text()
                 if args.logs:  # its per-phase timing (steps[].train.timing) beside the console
-                    (Path(args.logs) / f"{executor}{r}-summary.json").write_text(summary)
-                summaries.setdefault(executor, json.loads(summary))
+                    (Path(args.logs) / f"{kind}{r}-summary.json").write_text(summary)
+                summaries.setdefault(kind, json.loads(summary))
                 print(f"[executors]   {wall:.1f} s", flush=True)
     diffs = score_diffs(summaries["local"], summaries["ray"])
     med = {k: statistics.median(v) for k, v in walls.items()}
@@ -255,6 +287,10 @@ def executors(args: argparse.Namespace) -> int:
         "ratio_ray_local": med["ray"] / med["local"],
         "local_wall_s": med["local"], "ray_wall_s": med["ray"],
         "local_runs_s": walls["local"], "ray_runs_s": walls["ray"],
+        **({"ratio_local_idle_ray_local": med["local_idle_ray"] / med["local"],
+            "local_idle_ray_wall_s": med["local_idle_ray"], "local_idle_ray_runs_s": walls["local_idle_ray"],
+            "idle_ray_scores_equal": not any(score_diffs(summaries["local"], summaries["local_idle_ray"]).values())}
+           if args.idle_ray else {}),
         "scores_equal": all(d == 0 for d in diffs.values()),
         "max_score_diff": max(diffs.values(), default=0.0),
         "score_diffs": {k: v for k, v in diffs.items() if v},

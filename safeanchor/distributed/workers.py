@@ -54,6 +54,7 @@ class Mailbox:
         self.done: dict[int, Any] = {}  # seq -> result (rank 0's dict)
         self.parts: dict[tuple, dict[int, Any]] = {}  # (group, seq, key) -> rank -> ObjectRef (Exchange)
         self.stopped = False
+        self.waiting = 0  # workers blocked in `take` (ready for a job)
         self.cond = asyncio.Condition()
 
     async def post(self, seq: int, job: Any) -> None:
@@ -70,8 +71,15 @@ class Mailbox:
         """The current job once it is newer than `after` and unfinished; None after stop. A worker
         group restarted mid-phase passes -1 and gets the unfinished phase again."""
         async with self.cond:
-            await self.cond.wait_for(lambda: self.stopped or (self.seq > after and self.seq not in self.done))
+            self.waiting += 1
+            try:
+                await self.cond.wait_for(lambda: self.stopped or (self.seq > after and self.seq not in self.done))
+            finally:
+                self.waiting -= 1
             return None if self.stopped else (self.seq, self.job)
+
+    async def idle_workers(self) -> int:
+        return self.waiting
 
     async def put(self, seq: int, value: Any) -> None:
         async with self.cond:
@@ -146,6 +154,20 @@ class TrainWorkers:
         self.thread = threading.Thread(target=run, name=f"train-{self.name}", daemon=True)
         self.thread.start()
         self.launches += 1
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Start the workers if needed and wait until every one of them waits for a job (the
+        launch done); raises the Train run's error if it ends first, TimeoutError after `timeout`."""
+        import ray
+
+        self.start()
+        t0 = time.monotonic()
+        while ray.get(self.box.idle_workers.remote()) < self.cluster.num_workers:
+            if not self.thread.is_alive():
+                raise self.outcome.get("error") or RuntimeError(f"Train run {self.name!r} ended during its launch")
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"the workers of Train run {self.name!r} were not ready within {timeout:.0f}s")
+            time.sleep(POLL_S)
 
     def close(self, timeout: float = 120.0) -> None:
         """Tell the workers to return and wait for the Train run to end."""

@@ -123,9 +123,11 @@ def test_ssi_on_train_workers_equals_fisher_subspace(ray_instance, full_grads, c
     cluster = ClusterConfig(num_workers=2, ssi_blocks=3, max_failures=0)
     assert cluster.ssi_workers is None
     with TrainWorkers("ssi-test", cluster, str(tmp_path / "ray")) as workers:
+        workers.wait_ready()  # both workers launched and waiting for a job
+        assert workers.alive and workers.launches == 1
         t0 = time.perf_counter()
         got = identify_subspaces(SSIJob(world.model, world.adapter, calib), cluster, 0.9, 8, workers=workers)
-        print(f"\n[timings] ssi on 2 Train workers: {time.perf_counter() - t0:.1f}s (with the launch)")
+        print(f"\n[timings] ssi on 2 Train workers (launched): {time.perf_counter() - t0:.1f}s")
         assert_same(got, {n: fisher_subspace(G, 0.9, 8) for n, G in full_grads.items()})
         one = identify_subspaces(SSIJob(world.model, world.adapter, calib[:1]), cluster, 0.9, 8, workers=workers)
         assert_same(one, {n: fisher_subspace(G[:1], 0.9, 8) for n, G in full_grads.items()})
