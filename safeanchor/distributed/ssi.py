@@ -211,7 +211,7 @@ def _ssi_tasks(job: SSIJob, cluster: ClusterConfig, rho: float | None, k_max: in
     return {n: out[n] for n in order}
 
 
-def ssi_rank(work: SSIWork, rank: int, world: int, device: Any, exchange: Any = None) -> dict[str, Subspace] | None:
+def ssi_rank(work: SSIWork, rank: int, world: int, device: Any, exchange: Any) -> dict[str, Subspace] | None:
     """SSI on Train worker `rank` of `world` (`workers._serve_worker`); rank 0 returns every
     tensor's subspace in the model's parameter order, the other ranks None.
 

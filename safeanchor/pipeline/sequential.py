@@ -304,6 +304,11 @@ def phase_from_json(d: dict[str, Any]) -> TrainPhase:
                       int(d["seed"]), d["tag"], d["hooks"])
 
 
+def domain_prefix(t: int, domain: str) -> str:
+    """The durable steps of domain t are named `<prefix>/<nn>-<what>` (e.g. 01-medical/02-train)."""
+    return f"{t:02d}-{domain}"
+
+
 class Runner:
     """The DAG of durable steps, driven from here (see the module docstring of
     safeanchor.pipeline.store): setup, eval 0, then per domain before → train →
@@ -410,7 +415,7 @@ class Runner:
     # ---- the DAG -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg, ctx, method, run = self.cfg, self.ctx, self.method, self.run_
-        last = f"{len(cfg.data.order):02d}-{cfg.data.order[-1]}/02-train"
+        last = f"{domain_prefix(len(cfg.data.order), cfg.data.order[-1])}/02-train"
         if self.workers is not None and not self.store.done(last):
             # launch the Train workers now (in the background: controller, placement group, worker
             # processes importing torch): the launch overlaps setup and the first evaluation
@@ -425,7 +430,7 @@ class Runner:
         steps_info: list[dict[str, Any]] = []
         lines = [json.dumps({"step": 0, **history[0]})]
         for t, d in enumerate(cfg.data.order, start=1):
-            prefix = f"{t:02d}-{d}"
+            prefix = domain_prefix(t, d)
             with self.tracker.domain(t, d):
                 ctx.domain, ctx.step, ctx.domain_train = d, t, run.domain_train[d]
                 ctx.previous_domain_train = run.domain_train[cfg.data.order[t - 2]] if t > 1 else []
