@@ -138,3 +138,31 @@ def test_ssi_on_train_workers_equals_fisher_subspace(ray_instance, full_grads, c
             workers.ssi(SSIWork(SSIJob(world.model, b"not safetensors", calib), 0.9, 8))
         assert "ssi_rank" in str(err.value)  # the worker's traceback, not a driver-side error
         assert not workers.alive and workers.box is None and workers.launches == 1
+
+
+def test_ssi_without_a_run_starts_its_own_train_run(ray_instance, full_grads, calib, world, tmp_path, monkeypatch):
+    """`identify_subspaces` called with executor ray and no run's workers (the default
+    `ssi_workers: null`): a one-off Train run of one worker computes it, exactly, and its run
+    state (under a temporary directory) is gone afterwards."""
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    from safeanchor.distributed import workers as workers_mod
+
+    started = []
+    real_init = workers_mod.TrainWorkers.__init__
+
+    def spy(self, name, cluster, storage_path, *a, **kw):
+        started.append((name, storage_path, list(tmp.iterdir())))
+        real_init(self, name, cluster, storage_path, *a, **kw)
+
+    monkeypatch.setattr(workers_mod.TrainWorkers, "__init__", spy)
+    cluster = ClusterConfig(num_workers=1)
+    got = identify_subspaces(SSIJob(world.model, world.adapter, calib), cluster, 0.9, 8)
+    assert_same(got, {n: fisher_subspace(G, 0.9, 8) for n, G in full_grads.items()})
+    assert len(started) == 1  # one Train run, for this call
+    name, storage, existing = started[0]
+    assert name.startswith("ssi-") and storage.startswith(str(tmp)) and existing
+    assert list(tmp.iterdir()) == []  # the one-off run's directory removed
