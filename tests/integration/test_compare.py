@@ -100,3 +100,26 @@ def test_compare_cells_report_resume_and_failure(ray_instance, cache, tmp_path):
     (storage / "report.md").unlink()
     assert compare.main(["--report", str(storage)]) == 0
     assert (storage / "report.md").read_text() == report
+
+
+def test_cells_train_on_ray_train_workers(ray_instance, cache, tmp_path, capfd):
+    """`cluster.executor: ray` inside the cells: each cell's phases (and SafeAnchor's SSI) run on
+    one Train run of its own whose worker reserves its CPU beside the cell's task, so on 2 CPUs
+    one cell runs at a time (two would each hold a CPU and wait for ever for their worker's),
+    and each worker's torch uses the CPU it reserved."""
+    storage = tmp_path / "cmp"
+    argv = ["--config", TINY, "--methods", "lora,safeanchor", "--seeds", "0", "--orders", "medical",
+            "--threads", "1", "--storage", str(storage), "--set", f"toyworld.cache_dir={cache}",
+            "--set", "tracking.enabled=false", "--set", "cluster.executor=ray", "--set", "cluster.num_workers=1",
+            "--set", "methods.safeanchor.replay_steps=2", "--set", "train.max_steps=2"]
+    assert compare.main(argv) == 0
+    out = capfd.readouterr()
+    assert "[compare] 1 cells at once (2 CPUs, 2 per cell at its peak)" in out.out + out.err
+    for m in ("lora", "safeanchor"):
+        run = storage / f"{m}-seed0-medical"
+        s = json.loads((run / "summary.json").read_text())
+        assert s["method"] == m and s["steps"][0]["train"]["world_size"] == 1 and s["train_runs"] == 1
+        assert (run / "ray").is_dir()  # Ray Train's storage for the cell's phases
+        cfg = (run / "config.yaml").read_text()
+        assert "executor: ray" in cfg and "torch_threads_per_worker: 1" in cfg
+    assert "| safeanchor | 1 |" in _section((storage / "report.md").read_text(), "Table 1")
