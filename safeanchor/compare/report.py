@@ -4,7 +4,9 @@ Sections of report.md (every number a mean ± std over the cells it names, n bes
 
 - **Table 1** (the paper's shape): one row per method arm at the reference order; safety
   before / after, retention, domain_plastic, domain_mean_final, general / helpful kept,
-  over-refusal, seen-topic safety, extra files kept, wall time (`safeanchor.pipeline.report`).
+  over-refusal, seen-topic safety, extra files kept, wall time (`safeanchor.pipeline.report`;
+  the wall time is the cell's finished steps, summed over every process that ran them, so a
+  resumed cell counts what it did before its interruption).
 - **Ablations**: the variants (named configs / overrides) beside their base method, same columns.
 - **Domain orders**: per order, and the spread over orders at a fixed seed against the spread
   over seeds at a fixed order (does the order matter more than the seed?).
@@ -31,6 +33,7 @@ from typing import Any
 
 from safeanchor.compare.cells import arm_of
 from safeanchor.pipeline.report import COLUMNS, aggregate, markdown
+from safeanchor.pipeline.store import StepStore
 from safeanchor.storage import RunDir
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,10 @@ def collect(root: RunDir) -> tuple[list[Entry], list[str]]:
         d = root.sub(name)
         if d.is_file("summary.json"):
             s = d.read_json("summary.json")
+            if d.is_file("steps/_executions.jsonl"):
+                # wall time from the steps: a cell resumed by a process that wrote only its own
+                # time into summary.json counts the steps it finished earlier too
+                s = {**s, "wall_s": StepStore(d.sub("steps")).wall_s()}
             entries.append(Entry(name, arm_of(name, s), s))
         elif d.is_file("config.yaml"):
             unfinished.append(name)

@@ -261,7 +261,7 @@ def run_pipeline(cfg: RunConfig, resume: bool = False, storage: RunDir | None = 
     storage: the storage root as a RunDir (default: cfg.storage, a local path or pyarrow.fs URI).
     on_domain(t, history): called after domain t's evaluation (also for a step finished earlier
     and skipped on resume), history = the evaluations of steps 0..t (Ray Tune reports from it)."""
-    t_start = time.perf_counter()
+    t_start, t_epoch = time.perf_counter(), time.time()
     storage = open_storage(cfg, storage)
     run = prepare_run(cfg, resume=resume, storage=storage)
     tracker = make_tracker(cfg.tracking, storage)
@@ -278,7 +278,8 @@ def run_pipeline(cfg: RunConfig, resume: bool = False, storage: RunDir | None = 
             summary = runner.run()
         finally:
             runner.close()
-        summary["wall_s"] = time.perf_counter() - t_start
+        # a resumed run also counts the steps its earlier processes finished
+        summary["wall_s"] = time.perf_counter() - t_start + runner.store.wall_s(before=t_epoch)
         summary["mlflow_tracking_uri"] = tracker.tracking_uri
         summary["mlflow_run_id"] = tracker.run_id
         run.run_dir.write_json("summary.json", summary)

@@ -53,6 +53,27 @@ class StepStore:
     def log_execution(self, step: str) -> None:
         self.dir.append_line("_executions.jsonl", json.dumps({"step": step, "time": time.time()}))
 
+    def wall_s(self, before: float | None = None) -> float:
+        """Seconds the finished steps took (each: from the start of its last execution to its
+        marker), summed over every process that ran them; `before` (epoch seconds): only the steps
+        finished before then (a resumed run's earlier processes)."""
+        if not self.dir.is_file("_executions.jsonl"):
+            return 0.0
+        starts: dict[str, list[float]] = {}
+        for line in self.dir.read_text("_executions.jsonl").splitlines():
+            if line.strip():
+                e = json.loads(line)
+                starts.setdefault(e["step"], []).append(float(e["time"]))
+        total = 0.0
+        for step, times in starts.items():
+            if not self.done(step):
+                continue
+            end = float(json.loads(self.dir.read_bytes(f"{step}/{MARKER}"))["finished"])
+            began = [t for t in times if t <= end]
+            if began and (before is None or end < before):
+                total += end - max(began)
+        return total
+
     def executions(self) -> list[str]:
         if not self.dir.is_file("_executions.jsonl"):
             return []

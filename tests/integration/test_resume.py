@@ -86,8 +86,18 @@ def test_driver_killed_after_first_domain_resumes_to_the_same_result(tmp_path, c
     assert sequential.main(_argv(storage, cache, "ref")) == 0
     done_before = kill_after_first_domain(_argv(storage, cache, "killed"), dict(os.environ), storage / "killed")
 
+    t0, t_epoch = time.perf_counter(), time.time()
     assert sequential.main(["--storage", str(storage), "--resume", "killed"]) == 0
+    elapsed = time.perf_counter() - t0
     assert_resumed_like_reference(storage, "ref", "killed", done_before, ["medical", "legal"], adapter_tol=1e-5)
+    # summary.json's wall time counts the steps the killed process finished, not only the resume's
+    from safeanchor.pipeline.store import StepStore
+    from safeanchor.storage import RunDir
+
+    steps = StepStore(RunDir.open(str(storage / "killed" / "steps")))
+    earlier = steps.wall_s(before=t_epoch)
+    assert earlier > 1.0  # the first domain's training and evaluation
+    assert elapsed < _summary(storage, "killed")["wall_s"] <= elapsed + earlier
 
 
 def kill_after_first_domain(argv: list[str], env: dict[str, str], run: Path, timeout: float = 240) -> list[str]:
