@@ -95,9 +95,10 @@ def test_driver_killed_after_first_domain_resumes_to_the_same_result(tmp_path, c
     from safeanchor.storage import RunDir
 
     steps = StepStore(RunDir.open(str(storage / "killed" / "steps")))
-    earlier = steps.wall_s(before=t_epoch)
-    assert earlier > 1.0  # the first domain's training and evaluation
-    assert elapsed < _summary(storage, "killed")["wall_s"] <= elapsed + earlier
+    earlier = steps.wall_s(before=t_epoch)  # setup, step 0 and the first domain
+    assert earlier > 0.1
+    # this process's time (elapsed, less the little before run_pipeline starts its clock) + earlier
+    assert elapsed + 0.5 * earlier < _summary(storage, "killed")["wall_s"] <= elapsed + earlier
 
 
 def kill_after_first_domain(argv: list[str], env: dict[str, str], run: Path, timeout: float = 240) -> list[str]:

@@ -29,7 +29,7 @@ def _fake_sweep(storage: Path, method: str, point: dict) -> None:
     d = storage / "sweeps" / f"{method}-tiny"
     d.mkdir(parents=True)
     comment = f"python workflows/sequential.py --config {d / 'best.yaml'}\nBest of sweep {method}-tiny\nTuned: x"
-    (d / "best.yaml").write_text(report.best_yaml(TINY, ["eval.split=val", "threads=1"], method, point, comment))
+    (d / "best.yaml").write_text(report.best_yaml(TINY, ["eval.split=val", "threads=2"], method, point, comment))
 
 
 def test_tuned_configs_come_from_each_sweeps_best_and_run_as_presets(protocol, tmp_path):
@@ -44,7 +44,9 @@ def test_tuned_configs_come_from_each_sweeps_best_and_run_as_presets(protocol, t
     assert "8 trials" in text and "tuning seeds 100,101" in text and "Best of sweep lora-tiny" in text
     assert str(tmp_path) not in text.splitlines()[0]
     cfg = load_run_config(lora)
-    assert cfg.method == "lora" and cfg.train.lr == 1.5e-3 and cfg.eval.split == "test" and cfg.threads is None
+    # the tuning runs' settings (split, threads) do not leak into the tuned preset
+    assert cfg.method == "lora" and cfg.train.lr == 1.5e-3 and cfg.eval.split == "test"
+    assert cfg.threads == load_run_config(TINY).threads == 1
     ewc = load_run_config(tmp_path / "tuned" / "tiny-ewc.yaml")
     assert ewc.method == "ewc" and ewc.methods["ewc"]["lam"] == 7.0
     assert yaml.safe_load(text)["method"] == "lora"
