@@ -279,7 +279,8 @@ def run_pipeline(cfg: RunConfig, resume: bool = False, storage: RunDir | None = 
         finally:
             runner.close()
         # a resumed run also counts the steps its earlier processes finished
-        summary["wall_s"] = time.perf_counter() - t_start + runner.store.wall_s(before=t_epoch)
+        earlier = runner.store.wall_s(before=t_epoch) if resume else 0.0
+        summary["wall_s"] = time.perf_counter() - t_start + earlier
         summary["mlflow_tracking_uri"] = tracker.tracking_uri
         summary["mlflow_run_id"] = tracker.run_id
         run.run_dir.write_json("summary.json", summary)

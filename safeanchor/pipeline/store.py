@@ -57,13 +57,9 @@ class StepStore:
         """Seconds the finished steps took (each: from the start of its last execution to its
         marker), summed over every process that ran them; `before` (epoch seconds): only the steps
         finished before then (a resumed run's earlier processes)."""
-        if not self.dir.is_file("_executions.jsonl"):
-            return 0.0
         starts: dict[str, list[float]] = {}
-        for line in self.dir.read_text("_executions.jsonl").splitlines():
-            if line.strip():
-                e = json.loads(line)
-                starts.setdefault(e["step"], []).append(float(e["time"]))
+        for e in self._entries():
+            starts.setdefault(e["step"], []).append(float(e["time"]))
         total = 0.0
         for step, times in starts.items():
             if not self.done(step):
@@ -75,10 +71,13 @@ class StepStore:
         return total
 
     def executions(self) -> list[str]:
+        return [e["step"] for e in self._entries()]
+
+    def _entries(self) -> list[dict[str, Any]]:
+        """The records of `_executions.jsonl`, in order ({"step", "time"})."""
         if not self.dir.is_file("_executions.jsonl"):
             return []
-        return [json.loads(line)["step"] for line in self.dir.read_text("_executions.jsonl").splitlines()
-                if line.strip()]
+        return [json.loads(line) for line in self.dir.read_text("_executions.jsonl").splitlines() if line.strip()]
 
 
 # ---- (de)serialising a method's state: tensors -> safetensors, the rest -> JSON -------------
