@@ -24,7 +24,13 @@ given) with `cluster.executor=local` and with `cluster.executor=ray`, in alterna
 (`--rounds` pairs, median wall time), each in a fresh storage directory; writes
 `ratio_ray_local` (median ray / median local wall time), the wall times of every run, and
 whether the two executors gave the same scores (`scores_equal`, `max_score_diff` over every
-per-step metric of summary.json).
+per-step metric of summary.json). Beside the wall times it writes where the CPU time went: every
+process of a run's tree (the run itself, and under executor ray the Ray processes it starts:
+GCS, raylet, dashboard, agents, Train controller and workers) sampled every half second, as
+`cpu` per run (`total_s`, `by_group_s`: driver / ray_workers / ray_services, `by_process_s`)
+with `ratio_cpu_ray_local` and the machine's busy CPU seconds over the same interval
+(`machine_busy_s`: how much of the 2 cores' time other work took), so a slow run can be told
+apart from a busy machine.
 """
 
 from __future__ import annotations
@@ -65,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-ray", action="store_true",
                    help="--executors: also time the in-process run beside an idle Ray and an idle Train run "
                         "(what Ray's own processes cost a run that does not use them)")
-    p.add_argument("--logs", help="--executors: write each run's console (seconds since its start on each line) "
-                                  "and summary.json to DIR/<executor><round>.log / -summary.json")
+    p.add_argument("--logs", help="--executors: write each run's console (seconds since its start on each line), "
+                                  "summary.json and CPU timeline (cumulative CPU seconds per process, every half "
+                                  "second) to DIR/<executor><round>.log / -summary.json / -cpu.jsonl")
     args = p.parse_args(argv)
     if args.executors:
         return executors(args)
@@ -236,6 +243,91 @@ def step_figures(wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> d
     return out
 
 
+#: titles of a Ray worker process that say nothing of its role (starting, or idle in the pool)
+_GENERIC = ("ray::IDLE", "setup_worker.py", "default_worker.py")
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of a process and all its descendants, sampled every `period`
+    seconds from a thread until `stop`; a process's last sample counts (one that ends between two
+    samples loses at most `period` of its time). Processes are grouped by role: `driver` (the
+    root), `ray_workers` (Ray's worker processes: tasks and actors, titled `ray::...`) and
+    `ray_services` (everything else under it: GCS, raylet, dashboard, agents, log monitor).
+    `timeline`: (seconds since the start, {label: cumulative CPU seconds}) at every sample, to
+    line up with a console's timestamps (which process burnt CPU while which step ran)."""
+
+    def __init__(self, pid: int, period: float = 0.5) -> None:
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.period = period
+        self.seen: dict[int, tuple[str, float]] = {}  # pid -> (label, cpu seconds)
+        self.timeline: list[tuple[float, dict[str, float]]] = []
+        self.t0 = time.perf_counter()
+        self.busy0 = self._busy()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _busy() -> float:
+        import psutil
+
+        t = psutil.cpu_times()
+        return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+    @staticmethod
+    def _label(proc) -> str:
+        cmd = proc.cmdline()
+        head = cmd[0] if cmd else proc.name()
+        if head.startswith("ray::"):
+            return head.split()[0].split(".")[0][:60]  # ray::Mailbox.post -> ray::Mailbox: the actor, not its call
+        script = next((Path(a).name for a in cmd[1:] if a.endswith(".py")), None)
+        return script or Path(head).name
+
+    def _sample(self) -> None:
+        import psutil
+
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return  # the root has ended
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    t = proc.cpu_times()
+                    cpu = t.user + t.system
+                    label = self._label(proc)
+                    if label in _GENERIC and proc.pid in self.seen:  # a worker back in Ray's pool keeps its role
+                        label = self.seen[proc.pid][0]
+            except psutil.Error:
+                continue  # ended between the listing and the reading
+            self.seen[proc.pid] = (label, cpu)
+        by_label: dict[str, float] = {}
+        for label, cpu in self.seen.values():
+            by_label[label] = round(by_label.get(label, 0.0) + cpu, 2)
+        self.timeline.append((round(time.perf_counter() - self.t0, 2), by_label))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def stop(self) -> dict:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+        by_process: dict[str, float] = {}
+        groups = {"driver": 0.0, "ray_workers": 0.0, "ray_services": 0.0}
+        for pid, (label, cpu) in self.seen.items():
+            by_process[label] = by_process.get(label, 0.0) + cpu
+            worker = label.startswith("ray::") or label in _GENERIC
+            group = "driver" if pid == self.root.pid else "ray_workers" if worker else "ray_services"
+            groups[group] += cpu
+        return {"total_s": round(sum(groups.values()), 2), "by_group_s": {k: round(v, 2) for k, v in groups.items()},
+                "by_process_s": {k: round(v, 2) for k, v in sorted(by_process.items(), key=lambda kv: -kv[1])},
+                "machine_busy_s": round(self._busy() - self.busy0, 2)}
+
+
 def executors(args: argparse.Namespace) -> int:
     """The same run under both executors, side by side in one script; see the module doc."""
     import subprocess
@@ -245,6 +337,7 @@ def executors(args: argparse.Namespace) -> int:
     rounds = max(1, args.rounds or 1)
     kinds = ("local", "ray", "local_idle_ray") if args.idle_ray else ("local", "ray")
     walls: dict[str, list[float]] = {k: [] for k in kinds}
+    cpus: dict[str, list[dict]] = {k: [] for k in kinds}
     summaries: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="sa-executors-") as tmp:
         for r in range(rounds):
@@ -263,7 +356,9 @@ def executors(args: argparse.Namespace) -> int:
                 # the console, each line stamped with the seconds since the start (where the time goes)
                 proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True)
+                meter = CpuMeter(proc.pid)
                 lines = [f"{time.perf_counter() - t0:8.1f}  {line}" for line in proc.stdout]
+                cpu = meter.stop()  # before the wait: the tree's last sample while the root still exists
                 rc = proc.wait()
                 wall = time.perf_counter() - t0
                 if idle is not None:
@@ -276,15 +371,23 @@ def executors(args: argparse.Namespace) -> int:
                     print(f"error: the {kind} run exited with {rc}: {' '.join(cmd)}", file=sys.stderr)
                     return 1
                 walls[kind].append(wall)
+                cpus[kind].append(cpu)
                 summary = (storage / "run" / "summary.json").read_text()
-                if args.logs:  # its per-phase timing (steps[].train.timing) beside the console
+                if args.logs:  # its per-phase timing (steps[].train.timing) and CPU timeline beside the console
                     (Path(args.logs) / f"{kind}{r}-summary.json").write_text(summary)
+                    (Path(args.logs) / f"{kind}{r}-cpu.jsonl").write_text(
+                        "".join(json.dumps({"t": t, "cpu_s": c}) + "\n" for t, c in meter.timeline))
                 summaries.setdefault(kind, json.loads(summary))
-                print(f"[executors]   {wall:.1f} s", flush=True)
+                print(f"[executors]   {wall:.1f} s wall, {cpu['total_s']:.1f} s CPU "
+                      f"({', '.join(f'{k} {v:.1f}' for k, v in cpu['by_group_s'].items())}); "
+                      f"the machine was busy {cpu['machine_busy_s']:.1f} CPU-s", flush=True)
     diffs = score_diffs(summaries["local"], summaries["ray"])
     med = {k: statistics.median(v) for k, v in walls.items()}
+    cpu_med = {k: statistics.median(c["total_s"] for c in v) for k, v in cpus.items()}
     out = {
         "ratio_ray_local": med["ray"] / med["local"],
+        "ratio_cpu_ray_local": cpu_med["ray"] / cpu_med["local"],
+        "cpu": cpus,
         "local_wall_s": med["local"], "ray_wall_s": med["ray"],
         "local_runs_s": walls["local"], "ray_runs_s": walls["ray"],
         **({"ratio_local_idle_ray_local": med["local_idle_ray"] / med["local"],

@@ -164,23 +164,25 @@ def stage_tuned(args, storage: Path, preset: str, methods: list[str]) -> bool:
 
 def stage_compare(args, storage: Path, preset: str, methods: list[str]) -> bool:
     tuned = Path(args.tuned_dir)
-    configs = []
+    configs = {}
     for m in methods:
         path = tuned / f"{preset}-{m}.yaml"
         if not path.exists():
             print(f"[protocol] {path} missing: run --stage tuned first", file=sys.stderr)
             return False
-        configs += ["--config", f"{m}={path}"]
+        configs[m] = ["--config", f"{m}={path}"]
     focus = [m for m in FOCUS if m in methods]
     base = [sys.executable, str(HERE / "compare.py"), "--storage", str(storage / "compare"),
             "--threads", str(args.threads), *placement(args)]
     ok = True
-    # seed-major inside each call; Table 1 first so the main table fills earliest
-    for extra in (["--methods", ",".join(methods), "--seeds", "0-4"],
-                  ["--methods", ",".join(focus), "--seeds", "0-2", "--orders", "all"],
-                  ["--methods", ",".join(focus), "--seeds", "0-4", "--T", "5"]):
-        if extra[1]:
-            ok = _run([*base, *configs, *extra]) == 0 and ok
+    # seed-major inside each call; Table 1 first so the main table fills earliest. Each call
+    # names the tuned configs of its own methods only (compare.py refuses a preset for a method
+    # it does not run).
+    for arms, extra in ((methods, ["--seeds", "0-4"]),
+                        (focus, ["--seeds", "0-2", "--orders", "all"]),
+                        (focus, ["--seeds", "0-4", "--T", "5"])):
+        if arms:
+            ok = _run([*base, *(a for m in arms for a in configs[m]), "--methods", ",".join(arms), *extra]) == 0 and ok
     return ok
 
 

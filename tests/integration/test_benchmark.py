@@ -68,3 +68,31 @@ def test_executor_score_diffs_compare_every_metric():
     assert d["domain.medical[1]"] == 0.0  # NaN on both sides is the same score
     assert d["only_here"] == float("inf")  # a metric one executor lacks is a difference
     assert "wall_s" not in d and "train_runs" not in d  # timing and placement are not scores
+
+
+def test_cpu_meter_attributes_a_process_trees_cpu_time_to_its_roles():
+    """The executors benchmark's CPU accounting: the root's own time is `driver`, a child titled
+    `ray::...` (as Ray titles its workers) is `ray_workers`, any other child `ray_services`; a
+    process that ends before the root still counts."""
+    import subprocess
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
+    child = ("import subprocess, sys\n" + burn.format(s=0.6) +
+             "subprocess.run(['bash', '-c', 'exec -a ray::Burner ' + sys.executable + ' -c \"$0\"', " +
+             repr(burn.format(s=1.0)) + "], check=True)\n"
+             "subprocess.run([sys.executable, '-c', " + repr(burn.format(s=0.8)) + "], check=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    meter = benchmark.CpuMeter(proc.pid, period=0.05)
+    assert proc.wait() == 0
+    cpu = meter.stop()
+    g = cpu["by_group_s"]
+    assert 0.6 <= g["driver"] < 1.5, cpu
+    assert 0.9 <= g["ray_workers"] < 1.6, cpu
+    assert 0.75 <= g["ray_services"] < 1.5, cpu
+    assert cpu["by_process_s"]["ray::Burner"] == g["ray_workers"]
+    assert cpu["total_s"] == round(sum(g.values()), 2)
+    assert cpu["machine_busy_s"] >= 0.9 * cpu["total_s"]
+    t, last = meter.timeline[-1]  # cumulative per label, in time order
+    assert last["ray::Burner"] == g["ray_workers"] and t >= meter.timeline[0][0]
+    burner = [c.get("ray::Burner", 0.0) for _, c in meter.timeline]
+    assert burner == sorted(burner) and burner[0] < burner[-1]

@@ -79,3 +79,30 @@ def test_bad_input_is_named(protocol, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "methods: unknown ['nope']" in err and "missing.yaml does not exist" in err
     assert not (tmp_path / "protocol.json").exists()
+
+
+def test_every_comparison_call_is_one_compare_accepts(protocol, tmp_path, monkeypatch):
+    """Stage 3's three compare.py calls (Table 1, the orders, T = 5), each parsed by compare.py's
+    own spec builder: every call names the tuned configs of exactly the methods it runs (a preset
+    for a method it does not run is refused, which stopped the first protocol after Table 1)."""
+    spec = importlib.util.spec_from_file_location("compare_cli", ROOT / "workflows" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    methods = ["lora", "ewc", "safeanchor"]
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    for m in methods:
+        (tuned / f"tiny-{m}.yaml").write_text(yaml.safe_dump({"base": TINY, "method": m}))
+    calls = []
+    monkeypatch.setattr(protocol, "_run", lambda cmd: calls.append(cmd) or 0)
+    args = protocol.parse_args(["--storage", str(tmp_path), "--tuned-dir", str(tuned), "--config", TINY])
+    assert protocol.stage_compare(args, tmp_path, "tiny", methods)
+    assert len(calls) == 3
+    runs = []
+    for cmd in calls:
+        assert Path(cmd[1]).name == "compare.py"
+        built = compare.build_spec(compare.parse_args(cmd[2:]))  # raises ConfigError on a refused call
+        runs.append(sorted(a.name for a in built.arms))
+        for arm in built.arms:
+            assert arm.config == str((tuned / f"tiny-{arm.name}.yaml").resolve())
+    assert runs == [sorted(methods), ["lora", "safeanchor"], ["lora", "safeanchor"]]
