@@ -92,6 +92,13 @@ def _fmt(m: float, s: float, n: int | None = None) -> str:
     return f"{m:.3f} ± {s:.3f}" + (f" (n={n})" if n is not None else "")
 
 
+def _shown_path(path: str) -> str:
+    """A preset's path as the report shows it: relative to the working directory when it lies under
+    it (a report committed from a checkout names the repository's file), else as recorded."""
+    p = Path(path)
+    return str(p.relative_to(Path.cwd())) if p.is_absolute() and p.is_relative_to(Path.cwd()) else path
+
+
 def _arrow(order: tuple[str, ...]) -> str:
     return " → ".join(order)
 
@@ -190,7 +197,7 @@ def build(entries: list[Entry], unfinished: list[str], state: dict[str, Any]) ->
     lines += _missing(methods, agg)
     described = [m for m in methods if m in arms_def]
     lines += [""] if described else []
-    lines += [f"- `{m}`: preset `{arms_def[m]['config']}`" for m in described]
+    lines += [f"- `{m}`: preset `{_shown_path(arms_def[m]['config'])}`" for m in described]
     for arm, row in agg.items():
         metrics.update({f"{arm}/{k}": v[0] for k, v in row.items() if not math.isnan(v[0])})
 

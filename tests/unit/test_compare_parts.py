@@ -209,3 +209,13 @@ def test_cell_log_appends_attempts(tmp_path, where):
         logging.getLogger("safeanchor").info("after the cell: not in its log")
     assert root.read_text("logs/lora-seed0-medical.log") == "=== started ===\nline\n=== resumed ===\nline\n"
     assert logging.getLogger("safeanchor").handlers == [console]  # restored
+
+
+def test_report_names_presets_relative_to_the_checkout(tmp_path, monkeypatch):
+    from safeanchor.compare.report import _shown_path
+
+    monkeypatch.chdir(tmp_path)
+    assert _shown_path(str(tmp_path / "workflows" / "configs" / "tuned" / "toy-lora.yaml")) == \
+        "workflows/configs/tuned/toy-lora.yaml"
+    assert _shown_path("/elsewhere/toy-lora.yaml") == "/elsewhere/toy-lora.yaml"
+    assert _shown_path("tiny.yaml") == "tiny.yaml"
