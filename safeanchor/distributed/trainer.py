@@ -40,6 +40,7 @@ import torch
 from safeanchor import seeds
 from safeanchor.config import ConfigError
 from safeanchor.data import DataError, ExampleBatches, encode_dataset
+from safeanchor.distributed import placement
 from safeanchor.distributed.config import ClusterConfig, engine_config
 from safeanchor.distributed.engine import DeepSpeedStepEngine, check_divisible
 from safeanchor.train.loop import NonFiniteLoss, TorchStepEngine, batches_from, run_loop
@@ -62,19 +63,13 @@ NON_RETRYABLE = (ConfigError, DataError, NonFiniteLoss)
 
 def ensure_ray(cluster: ClusterConfig) -> None:
     """Attach to / start Ray unless this process already did (tests start their own)."""
-    import ray
-
     # Ray Train's PreemptionWatcher (an actor that watches for node drains) prints a core_worker
     # error line on every phase ("... constructor arguments in the object store and max_restarts
     # > 0"). Off unless the user sets the variable: a drained node's workers fail, and the phase
     # restarts from its last checkpoint (cluster.max_failures). Ray Train passes the driver's
     # value on to its controller, in a local Ray and in a `ray job submit` job alike.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    if not ray.is_initialized():
-        ray.init(address=cluster.address)
-        # Helper processes Ray Train starts (e.g. its PlacementGroupCleaner) attach with a bare
-        # ray.init(): point them at THIS instance, or they fail when several run on one machine.
-        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    placement.ensure_ray(cluster.address, None)  # the node's CPUs when it starts a local Ray
 
 
 def resolve_use_gpu(cluster: ClusterConfig) -> bool:
