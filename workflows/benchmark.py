@@ -28,9 +28,9 @@ per-step metric of summary.json). Beside the wall times it writes where the CPU 
 process of a run's tree (the run itself, and under executor ray the Ray processes it starts:
 GCS, raylet, dashboard, agents, Train controller and workers) sampled every half second, as
 `cpu` per run (`total_s`, `by_group_s`: driver / ray_workers / ray_services, `by_process_s`)
-with `ratio_cpu_ray_local` and the machine's busy CPU seconds over the same interval
-(`machine_busy_s`: how much of the 2 cores' time other work took), so a slow run can be told
-apart from a busy machine.
+with `ratio_cpu_ray_local`, and the whole machine's busy CPU seconds over the same interval
+(`machine_busy_s`, the run's own included: well above its `total_s` means other work shared
+the cores), so a slow run can be told apart from a busy machine.
 """
 
 from __future__ import annotations
