@@ -21,7 +21,7 @@ from test_resume import assert_resumed_like_reference
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "workflows" / "configs" / "tiny.yaml")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
-STEPS, EVERY = 24, 4
+STEPS, EVERY = 16, 4
 
 
 def _argv(storage: Path, cache: Path, run_id: str) -> list[str]:
