@@ -267,6 +267,36 @@ def _orders_section(entries: list[Entry], methods: list[str], t: int) -> list[st
             so, ks, ss, ms = spread(g, k)
             f = lambda x: "–" if math.isnan(x) else f"{x:.3f}"  # noqa: E731
             lines.append(f"| {m} | {title} | {f(so)} | {ks} | {f(ss)} | {ms} |")
+    return lines + _paired_lines(groups)
+
+
+def paired(a: list[Entry], b: list[Entry], key: str) -> list[float]:
+    """a − b on `key` for every (order, seed) both ran, in sorted (order, seed) order."""
+    bv = {(e.order, e.summary["seed"]): final(e.summary, key) for e in b}
+    out = []
+    for e in sorted(a, key=lambda e: (e.order, e.summary["seed"])):
+        k = (e.order, e.summary["seed"])
+        if k in bv and not (math.isnan(final(e.summary, key)) or math.isnan(bv[k])):
+            out.append(final(e.summary, key) - bv[k])
+    return out
+
+
+def _paired_lines(groups: dict[str, list[Entry]]) -> list[str]:
+    """Each arm against the first one, cell by cell over the (order, seed) pairs both ran."""
+    arms = list(groups)
+    if len(arms) < 2:
+        return []
+    base = arms[0]
+    lines = ["", f"Paired with {base} by (order, seed): the difference arm − {base} of each pair of cells that "
+             "ran the same order with the same seed, and on how many pairs it is positive.", "",
+             f"| arm − {base} | metric | pairs | positive | mean difference | smallest | largest |",
+             "|---|---|---|---|---|---|---|"]
+    for m in arms[1:]:
+        for k, title in SPREAD_METRICS:
+            d = paired(groups[m], groups[base], k)
+            if d:
+                lines.append(f"| {m} | {title} | {len(d)} | {sum(x > 0 for x in d)} | {statistics.fmean(d):+.3f} "
+                             f"| {min(d):+.3f} | {max(d):+.3f} |")
     return lines
 
 

@@ -167,6 +167,9 @@ def test_report_sections_spreads_and_plots(tmp_path, where):
     assert "| strict | 2 | 0.900 ± 0.000 | 0.880 ± 0.000 |" in text  # the ablation row
     assert "| lora | safety after | 0.212 | 2 | 0.071 | 2 |" in text  # order vs seed spread
     assert "| safeanchor | safety after | 0.000 | 2 | 0.000 | 2 |" in text
+    # paired with lora by (order, seed): 0.8 − {0.2, 0.5, 0.3, 0.6}; the T = 5 cells are not pairs here
+    assert "| arm − lora | metric | pairs | positive | mean difference | smallest | largest |" in text
+    assert "| safeanchor | safety after | 4 | 4 | +0.400 | +0.200 | +0.600 |" in text
     assert "| lora | 2 | 0.900 ± 0.000 | 0.600 ± 0.000 | 0.400 ± 0.000 | 0.300 ± 0.000 | 0.200 ± 0.000 | 0.100 ± 0.000 |" in text
     assert "`ewc-seed0-medical-legal-code`: DataError: boom" in text and "lora-seed3-medical-legal-code" in text
     assert metrics["lora/safety"] == pytest.approx(0.25) and metrics["strict/safety"] == pytest.approx(0.88)
