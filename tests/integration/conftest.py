@@ -26,8 +26,7 @@ def ray_instance():
     old = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only; the product keeps token auth
     os.environ.pop("RAY_ADDRESS", None)
-    # no dashboard: the tests use none of it, and its ~10 processes take CPU from the 2 cores
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
     for k, v in old.items():  # a RAY_ADDRESS left behind would point the next module at a dead Ray
