@@ -38,6 +38,7 @@ from safeanchor.storage import RunDir
 from safeanchor.tracking import default_tracking_uri, make_tracker, numeric_scalars
 from safeanchor.train.loop import TrainConfig, train_examples
 from safeanchor.train.phase import ModelSpec, PhaseContext, PhaseSpec, safe_name
+from safeanchor.utils import machine
 
 logger = logging.getLogger(__name__)
 
@@ -475,6 +476,8 @@ class Runner:
         summary["executions"] = self.store.executions()
         # Ray Train runs this driver started: 1 when one set of workers trained every phase
         summary["train_runs"] = self.workers.launches if self.workers is not None else 0
+        # the driver's hardware (evaluation, in-process phases): figures match exactly only on the same kind
+        summary["machine"] = machine()
         return summary
 
     def _gate(self, r: int) -> dict[str, Any]:

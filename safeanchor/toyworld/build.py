@@ -29,7 +29,7 @@ from safeanchor.config import check, to_dict
 from safeanchor.toyworld.generator import ToyData, ToyDataConfig, generate
 from safeanchor.toyworld.tokenizer import build_tokenizer
 from safeanchor.train.loop import TrainConfig, train_examples
-from safeanchor.utils import atomic_dir
+from safeanchor.utils import atomic_dir, machine
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +221,7 @@ def _build(cfg: ToyWorldConfig, root: Path, data: ToyData) -> ToyWorld:
         report = {
             "key": cfg.key(), "config": to_dict(cfg), "params": n_params,
             "pretrain": pre, "align": ali, "build_s": time.perf_counter() - t0,
+            "machine": machine(),  # another kind of CPU builds a different world (utils.machine)
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
     logger.info(f"[toyworld] built in {report['build_s']:.0f}s -> {root}")

@@ -37,6 +37,10 @@ def test_benchmark_writes_all_figures(tmp_path):
     assert fig["ratio_safeanchor_cpu"] > 0 and fig["by_threads"]["2"]["ratio_projection_hooks"] > 0
     assert fig["anchor_floor"] == 1 + fig["anchor_batch"] / (fig["batch_size"] * fig["anchor_every"])
     assert fig["safeanchor_over_floor"] == fig["ratio_safeanchor"] - fig["anchor_floor"]
+    # the floor timed: a LoRA step plus a separate pass of anchor_batch examples every anchor_every steps
+    assert fig["anchor_floor_measured"] == fig["ratio_extra_pass"] > 0 and fig["extra_pass_step_s"] > 0
+    assert fig["safeanchor_over_measured_floor"] == fig["ratio_safeanchor"] - fig["ratio_extra_pass"]
+    assert set(fig["by_threads"]["2"]) >= {"ratio_extra_pass", "safeanchor_over_measured_floor"}
     assert len(fig["ssi_runs_s"]) == 2 and fig["ssi_s"] == statistics.median(fig["ssi_runs_s"])
 
 
@@ -60,14 +64,16 @@ def test_benchmark_bad_config_is_a_clear_error(tmp_path, capsys):
 
 def test_executor_score_diffs_compare_every_metric():
     a = {"safety": [0.9, 0.5], "retention": 0.55, "domain": {"medical": [0.1, float("nan")]},
-         "wall_s": 10.0, "method": "lora", "only_here": 1.0, "train_runs": 0}
+         "wall_s": 10.0, "method": "lora", "only_here": 1.0, "train_runs": 0,
+         "machine": {"cores": 2, "torch_threads": 2}}
     b = {"safety": [0.9, 0.25], "retention": 0.55, "domain": {"medical": [0.1, float("nan")]},
-         "wall_s": 99.0, "method": "lora", "train_runs": 1}
+         "wall_s": 99.0, "method": "lora", "train_runs": 1, "machine": {"cores": 16, "torch_threads": 1}}
     d = benchmark.score_diffs(a, b)
     assert d["safety[1]"] == 0.25 and d["safety[0]"] == 0.0 and d["retention"] == 0.0
     assert d["domain.medical[1]"] == 0.0  # NaN on both sides is the same score
     assert d["only_here"] == float("inf")  # a metric one executor lacks is a difference
     assert "wall_s" not in d and "train_runs" not in d  # timing and placement are not scores
+    assert not any(k.startswith("machine") for k in d)  # nor the hardware
 
 
 def test_cpu_meter_attributes_a_process_trees_cpu_time_to_its_roles():
@@ -96,3 +102,24 @@ def test_cpu_meter_attributes_a_process_trees_cpu_time_to_its_roles():
     assert last["ray::Burner"] == g["ray_workers"] and t >= meter.timeline[0][0]
     burner = [c.get("ray::Burner", 0.0) for _, c in meter.timeline]
     assert burner == sorted(burner) and burner[0] < burner[-1]
+
+
+def test_extra_pass_is_a_pass_over_the_first_examples_on_every_kth_step():
+    """The measured floor's hooks: the first n examples of the step's batch, every k-th step
+    (counted like the anchor's), through the model's own loss; the batched path's identity."""
+    import torch
+
+    seen = []
+
+    def model(input_ids, attention_mask, labels):
+        seen.append(input_ids.shape[0])
+        return type("Out", (), {"loss": labels.float().mean()})()
+
+    batch = {k: torch.arange(12).reshape(6, 2) for k in ("input_ids", "attention_mask", "labels")}
+    hooks = benchmark.ExtraPass(4, 2)
+    got = [hooks.unprojected_loss(model, batch) for _ in range(4)]
+    assert seen == [4, 4] and got[1] is None and got[3] is None
+    assert float(got[0]) == float(torch.arange(8).float().mean())  # rows 0-3 only
+    g = {"w": torch.ones(3)}
+    hooks.transform_grads(g)
+    assert torch.equal(g["w"], torch.ones(3))

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,11 @@ def test_lora_pipeline_writes_summary_adapters_and_config(tmp_path, cache):
                 "domain", "domain_plastic", "domain_mean_final", "retention", "extra_eval", "wall_s"):
         assert key in s, key
     assert s["method"] == "lora" and s["seed"] == 3 and s["order"] == ["legal", "code"]
+    # the hardware the figures come from, in the run's summary and the toy world's build report
+    assert s["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert s["machine"]["torch"] == torch.__version__ and s["machine"]["cpu"]
+    world = json.loads(next(cache.glob("*/report.json")).read_text())
+    assert world["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     for k in ("safety", "over_refusal", "helpful", "general"):
         assert len(s[k]) == 3 and all(0.0 <= v <= 1.0 for v in s[k])  # step 0 + 2 domains
     assert set(s["domain"]) == {"legal", "code"} and all(len(v) == 3 for v in s["domain"].values())

@@ -1,10 +1,10 @@
-"""atomic_dir: the temp-dir-then-rename pattern of the caches (toy world, alignment, GGUF)."""
+"""atomic_dir: the temp-dir-then-rename pattern of the caches (toy world, alignment, GGUF); machine()."""
 
 import stat
 
 import pytest
 
-from safeanchor.utils import atomic_dir
+from safeanchor.utils import atomic_dir, machine
 
 
 def _mode(path):
@@ -63,3 +63,16 @@ def test_existing_final_is_replaced_whole(tmp_path):
         (tmp / "done.json").write_text("{}")
     assert sorted(p.name for p in final.iterdir()) == ["done.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["entry"]
+
+
+def test_machine_names_the_kernels_and_threads_in_use():
+    import json
+
+    import torch
+
+    m = machine()
+    assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert m["torch_threads"] == torch.get_num_threads() and m["torch"] == torch.__version__
+    assert isinstance(m["cpu"], str) and m["cpu"] and m["cores"] >= 1
+    assert ("gpu" in m) == torch.cuda.is_available()
+    json.dumps(m)  # saved as is in summary.json / report.json
