@@ -289,6 +289,11 @@ def _serve_worker(config: dict[str, Any]) -> None:
     from safeanchor.distributed.trainer import NON_RETRYABLE, _node_cores, _train_rank
 
     logs.setup()
+    # Ray forwards a worker's console line by line, each redraw of a progress bar as a line of its
+    # own, and a worker loads its model for every phase: transformers' (and the hub's) bars off here.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cluster: ClusterConfig = config["cluster"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 from conftest import ROOT, TINY
@@ -55,7 +56,7 @@ def test_every_method_runs_on_ray_here_or_like_a_covered_one():
 
 
 @pytest.mark.parametrize("method", ON_RAY_HERE)
-def test_method_runs_two_steps_on_ray(method, ray_instance, cache, tmp_path):
+def test_method_runs_two_steps_on_ray(method, ray_instance, cache, tmp_path, capfd):
     storage = tmp_path / "runs"
     argv = ["--config", TINY, "--storage", str(storage), "--method", method, "--order", "medical",
             "--set", f"toyworld.cache_dir={cache}", "--set", "tracking.enabled=false",
@@ -72,3 +73,18 @@ def test_method_runs_two_steps_on_ray(method, ray_instance, cache, tmp_path):
     # every Ray phase of the run (SafeAnchor: also the replay its gate may ask for) on ONE set
     # of Train workers, started once
     assert s["train_runs"] == 1
+    # the console: the workers' progress lines (forwarded by Ray), not a model-loading bar per
+    # phase (split at newlines only: a bar redraws itself after a carriage return)
+    seen, deadline = "", time.time() + 30
+    while time.time() < deadline:
+        out = capfd.readouterr()
+        seen += out.out + out.err
+        worker = [x for x in seen.split("\n") if "RayTrainWorker" in x]
+        if any("[medical] step 2/2" in x for x in worker):
+            break
+        time.sleep(0.5)
+    time.sleep(1.0)  # what the workers printed before that line (stderr, forwarded on its own)
+    out = capfd.readouterr()
+    worker = [x for x in (seen + out.out + out.err).split("\n") if "RayTrainWorker" in x]
+    assert any("[medical] step 2/2" in x for x in worker), seen[-3000:]
+    assert not any("Loading weights" in x for x in worker), [x for x in worker if "Loading weights" in x]
