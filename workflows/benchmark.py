@@ -170,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         names = list(variants)
         for r in range(args.rounds):
             round_batches = list(itertools.islice(batches, args.steps))  # every variant: these batches
-            sub.step = 0  # the extra pass on the same steps of every round (as the anchor's counter)
             for k in names[r % len(names):] + names[:r % len(names)]:  # order rotated per round
                 w, c = timed(variants[k], round_batches)
                 wall[k].append(w)
